@@ -1,0 +1,413 @@
+"""Tasks, prompts, answer extraction, rewards and loaders for Iterative RPO (arXiv 2404.19733v3) and sDPO.
+
+Standard library only, so it imports in a blink. An example is a dict:
+    {"id": str, "task": str, "question": str, "answer": str (the gold final answer), "solution": str | None}
+ARC examples also carry "choices": [(label, text), ...].
+
+The reward of Sec. 2 of the paper: r = 1 if the final answer extracted from a completion equals the gold answer
+after normalisation, else 0. The chain of thought itself is never judged.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+from fractions import Fraction
+
+TASKS = ("arith", "gsm8k", "arc", "math")
+NUMERIC_TASKS = ("arith", "gsm8k")
+
+# Model text is untrusted: every parse below works on bounded slices, so a 1 MB completion costs milliseconds.
+MAX_ANSWER_CHARS = 1000  # the span after "Final answer:" / "####" / inside \boxed{} that is looked at
+TAIL_CHARS = 4000  # the end of a completion searched by the fallbacks (last \boxed{}, last number)
+MAX_NUMBER_DIGITS = 60  # longer numerals are compared as strings, never converted
+
+
+class DataError(ValueError):
+    """Bad input: the message is one line naming the file, the line and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (arXiv 2404.19733v3, Sec. 3; quoted in shared/PAPERS.md)
+
+GSM8K_INSTRUCTION = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, and when you're "
+    'ready to answer, please use the format "Final answer: ..."'
+)
+ARC_INSTRUCTION = (
+    "Your task is to answer the question below. Give step by step reasoning before you answer, and when you're "
+    'ready to answer, please use the format "Final answer: (insert letter here)"'
+)
+MATH_INSTRUCTION = (
+    "Your task is to answer the last question below. Give step by step reasoning before you answer, and when "
+    "you're ready to answer, please wrap your answer in \\boxed, and conclude using the format "
+    '"Final answer: ..."'
+)
+MATH_SHOTS = 4  # MATH is prompted 4-shot with fixed train examples
+
+
+def question_text(example: dict) -> str:
+    """The question as shown to the model; ARC lists its choices as (A) ... (D)."""
+    if example["task"] == "arc":
+        return example["question"] + "\n" + "\n".join(f"({label}) {text}" for label, text in example["choices"])
+    return example["question"]
+
+
+def build_prompt(example: dict, shots: list[dict] | None = None) -> str:
+    """The paper's zero-shot prompt (GSM8K, ARC, and `arith`, which uses the GSM8K one), or 4-shot for MATH."""
+    task = example["task"]
+    if task == "math":
+        parts = [MATH_INSTRUCTION]
+        for shot in shots or []:
+            parts.append(f"Question: {shot['question']}\n\nSolution: {shot['solution']}")
+        parts.append(f"Question: {example['question']}\n\nSolution:")
+        return "\n\n".join(parts)
+    instruction = ARC_INSTRUCTION if task == "arc" else GSM8K_INSTRUCTION
+    return f"{instruction}\n\nQuestion: {question_text(example)}\n\nSolution:"
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """Wrap a prompt in the tokenizer's chat template when it has one (the paper used Llama-2-70B-Chat)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def gold_solution(example: dict) -> str | None:
+    """The gold chain of thought in the paper's answer format, for adding the gold solution to the winners."""
+    if not example.get("solution"):
+        return None
+    return f"{example['solution'].rstrip()}\nFinal answer: {example['answer']}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in task: seeded arithmetic word problems with exact answers, for the offline demo and the tests
+
+NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "books", "coins", "cookies", "stamps")
+STEP_TEXT = {
+    "+": "Then {name} gets {n} more {item}.",
+    "-": "Then {name} gives away {n} {item}.",
+    "*": "Then the number of {item} {name} has becomes {n} times as many.",
+}
+TEST_SHARE = 5  # one expression in TEST_SHARE belongs to the test split
+
+
+def _split_of(expression: str) -> str:
+    # A problem's split is a function of its arithmetic alone, so the train and test splits never share a
+    # problem, whatever the seed or the number of problems asked for.
+    digest = hashlib.sha256(expression.encode()).digest()
+    return "test" if digest[0] % TEST_SHARE == 0 else "train"
+
+
+def arith_problems(
+    n: int, split: str = "train", seed: int = 0, operands: int = 2, digits: int = 1, ops: str = "+-"
+) -> list[dict]:
+    """`n` distinct arithmetic word problems of one split, the same ones for the same arguments.
+
+    Knobs: `operands` numbers, each of `digits` digits, combined left to right with operations from `ops` (any
+    of "+-*"). Subtraction never takes more than there is, so every answer is a non-negative integer.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if operands < 1 or digits < 1 or not ops or set(ops) - set(STEP_TEXT):
+        raise ValueError(f"bad arith knobs: operands={operands} digits={digits} ops={ops!r}")
+    rng = random.Random(f"{seed}-{split}")
+    low, high = max(1, 10 ** (digits - 1)), 10**digits - 1
+    seen, problems = set(), []
+    for _ in range(200 * n + 1000):
+        if len(problems) == n:
+            break
+        total = rng.randint(max(low, 1), high)
+        expression, steps = str(total), []
+        for _ in range(operands - 1):
+            op = rng.choice([o for o in ops if o != "-" or total >= low] or ["+"])
+            k = rng.randint(low, min(high, total) if op == "-" else high)
+            new = {"+": total + k, "-": total - k, "*": total * k}[op]
+            expression += f" {op} {k}"
+            steps.append((op, k, total, new))
+            total = new
+        if expression in seen or _split_of(expression) != split:
+            continue
+        seen.add(expression)
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        first = int(expression.split()[0])
+        text = [f"{name} has {first} {item}."]
+        text += [STEP_TEXT[op].format(name=name, n=k, item=item) for op, k, _, _ in steps]
+        text.append(f"How many {item} does {name} have now?")
+        solution = " ".join(f"{a} {op} {k} = {b}." for op, k, a, b in steps) or f"{name} has {first} {item}."
+        problems.append({"id": f"arith-{split}-{len(problems)}", "task": "arith", "question": " ".join(text),
+                         "answer": str(total), "solution": solution})
+    if len(problems) < n:
+        raise ValueError(f"only {len(problems)} distinct {split} problems exist for operands={operands} "
+                         f"digits={digits} ops={ops!r}; asked for {n}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders of the public formats, from local files (JSONL; Parquet when pyarrow is installed)
+
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSONL or Parquet file; DataError on anything malformed."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        records = list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    else:
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                records.append((number, record))
+    if not records:
+        raise DataError(f"{path}: no records (empty file)")
+    return records
+
+
+def _field(record: dict, key: str, kind: type, where: str):
+    if key not in record:
+        raise DataError(f"{where}: missing field '{key}'")
+    if not isinstance(record[key], kind):
+        wanted = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise DataError(f"{where}: field '{key}' should be {wanted}, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def _gsm8k(record: dict, where: str) -> dict:
+    question, answer = _field(record, "question", str, where), _field(record, "answer", str, where)
+    if "####" not in answer:
+        raise DataError(f"{where}: GSM8K answer has no '#### <number>' line")
+    solution, final = answer.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    if not final:
+        raise DataError(f"{where}: nothing after '####' in the GSM8K answer")
+    solution = re.sub(r"<<[^>]*>>", "", solution).strip()  # drop the calculator annotations <<48/2=24>>
+    return {"question": question, "answer": final, "solution": solution}
+
+
+def _arc(record: dict, where: str) -> dict:
+    question = _field(record, "question", str, where)
+    choices = _field(record, "choices", dict, where)
+    labels, texts = choices.get("label"), choices.get("text")
+    if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts) or not labels:
+        raise DataError(f"{where}: 'choices' needs 'label' and 'text' lists of the same, non-zero length")
+    key = str(_field(record, "answerKey", str, where)).strip()
+    if key not in labels:
+        raise DataError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
+    return {"question": question, "answer": key, "solution": None, "choices": list(zip(labels, texts))}
+
+
+def _math(record: dict, where: str) -> dict:
+    problem, solution = _field(record, "problem", str, where), _field(record, "solution", str, where)
+    boxed = last_boxed(solution, limit=len(solution))
+    if boxed is None:
+        raise DataError(f"{where}: MATH solution has no \\boxed{{...}} answer")
+    return {"question": problem, "answer": boxed, "solution": solution}
+
+
+PARSERS = {"gsm8k": _gsm8k, "arc": _arc, "math": _math}
+
+
+def load_examples(task: str, path: str) -> list[dict]:
+    """Examples of a public task from a local file in its published format:
+    GSM8K: `question`, `answer` ending in `#### <number>`. ARC (Hugging Face layout): `question`, `choices` with
+    `text` and `label` lists, `answerKey`. MATH: `problem`, `solution` whose last \\boxed{...} is the answer.
+    """
+    if task not in PARSERS:
+        raise ValueError(f"no file format for task {task!r}; files are read for {sorted(PARSERS)}")
+    examples = []
+    for number, record in read_records(path):
+        example = PARSERS[task](record, f"{path}:{number}")
+        examples.append({"id": str(record.get("id", f"{task}-{number}")), "task": task, **example})
+    return examples
+
+
+def _message_text(value, key: str, where: str, prompt: bool):
+    """A preference field as a string, or as a list of chat messages (TRL's conversational layout)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        if prompt:
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        if value[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message of '{key}' should be the assistant's")
+        return value[-1]["content"]
+    raise DataError(f"{where}: field '{key}' should be a string or a list of {{role, content}} messages")
+
+
+def load_preferences(path: str) -> list[dict]:
+    """Preference pairs {prompt, chosen, rejected} from JSONL/Parquet, TRL's standard (strings) or conversational
+    (message lists) layout. `prompt` stays a string or a message list; `chosen`/`rejected` become the response
+    strings. The `pairs.jsonl` written by rpo.py is in this layout too.
+    """
+    pairs = []
+    for number, record in read_records(path):
+        where = f"{path}:{number}"
+        pair = {key: _message_text(_field(record, key, (str, list), where), key, where, key == "prompt")
+                for key in ("prompt", "chosen", "rejected")}
+        for key in ("id", "answer", "task"):
+            if key in record:
+                pair[key] = record[key]
+        pairs.append(pair)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer extraction and the exact-match reward
+
+FINAL_RE = re.compile(r"final answer\s*(?:is)?\s*[:：]", re.IGNORECASE)
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+# ARC labels are capital letters or digits: "B", "(B)", "B)", "answer is B" ("a" in "answer is a dog" is no label)
+LABEL_RE = re.compile(r"^\W*\(?\s*([A-Z]|\d{1,2})\s*\)?(?![A-Za-z0-9])")
+ANSWER_IS_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?\s*([A-Z]|\d{1,2})\s*\)?(?![A-Za-z0-9])")
+
+
+def last_boxed(text: str, limit: int = TAIL_CHARS) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in the last `limit` characters; braces may nest."""
+    text = text[-limit:]
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if i < len(text) and text[i] == " ":  # \boxed 5
+        return text[i + 1:].split("$")[0].split()[0] if text[i + 1:].strip() else None
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, min(len(text), i + MAX_ANSWER_CHARS)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text[:MAX_ANSWER_CHARS].strip().split("\n", 1)[0].strip()
+
+
+def extract_answer(completion: str, task: str) -> str | None:
+    """The final answer of a completion, as a raw string, or None.
+
+    Order: the paper's "Final answer: ..." (its first occurrence: a small model may go on with new questions
+    after it), then "#### ...", then the last \\boxed{...}, then, for ARC, "answer is B", and, for numeric tasks,
+    the last number. After "Final answer:" a \\boxed{} on that line wins (MATH asks for both).
+    """
+    match = FINAL_RE.search(completion)
+    if match:
+        span = _first_line(completion[match.end():])
+        return last_boxed(span) or span
+    hashes = completion.find("####")
+    if hashes >= 0:
+        return _first_line(completion[hashes + 4:])
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    tail = completion[-TAIL_CHARS:]
+    if task == "arc":
+        found = ANSWER_IS_RE.findall(tail)
+        return found[-1] if found else None
+    if task in NUMERIC_TASKS:
+        numbers = NUMBER_RE.findall(tail)
+        return numbers[-1] if numbers else None
+    return None
+
+
+ANSWER_LINE_RE = re.compile(r"\s*\S[^\n]*\n")
+
+
+def answer_line_end(text: str) -> int | None:
+    """Index of the newline that ends the "Final answer: ..." line, once that line is complete, else None.
+    Sampling stops there: what a model writes after its answer is neither judged nor paid for."""
+    match = FINAL_RE.search(text)
+    line = ANSWER_LINE_RE.match(text, match.end()) if match else None
+    return line.end() - 1 if line else None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The first number in `text` as an exact Fraction: commas, `$`, `%` and units dropped, "72.0" = 72,
+    "1/2" = 0.5. Numbers of more than MAX_NUMBER_DIGITS digits are not converted (returns None)."""
+    match = NUMBER_RE.search(text[:MAX_ANSWER_CHARS])
+    if not match:
+        return None
+    numeral = match.group().replace(",", "").replace(" ", "")
+    if sum(c.isdigit() for c in numeral) > MAX_NUMBER_DIGITS:
+        return None
+    try:
+        return Fraction(numeral)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def normalize_math(answer: str) -> str:
+    """The usual string normalisation of MATH answers (after Hendrycks et al.'s `is_equiv`), before comparing."""
+    s = answer[:MAX_ANSWER_CHARS].strip().strip("$").strip()
+    s = s.replace("\n", "").replace("\\!", "").replace("\\left", "").replace("\\right", "")
+    s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("\\$", "").replace("$", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}\s*$", "", s)  # a trailing unit such as \text{ cm}
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"^[a-zA-Z]\s*=", "", s)  # a leading "x ="
+    s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return s
+
+
+def _math_value(s: str) -> Fraction | None:
+    m = re.fullmatch(r"(-?)\\frac\{(\d{1,30})\}\{(\d{1,30})\}", s)
+    if m:
+        return Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1) if int(m.group(3)) else None
+    if re.fullmatch(r"-?\d{1,30}(?:,\d{3})*(?:\.\d{1,30})?", s):
+        return Fraction(s.replace(",", ""))
+    return None
+
+
+def _arc_label(answer: str) -> str | None:
+    found = ANSWER_IS_RE.findall(answer[:MAX_ANSWER_CHARS])
+    if found:
+        return found[-1].upper()
+    match = LABEL_RE.match(answer[:MAX_ANSWER_CHARS])
+    return match.group(1).upper() if match else None
+
+
+def answers_match(predicted: str | None, gold: str, task: str) -> bool:
+    """Whether an extracted answer equals the gold one after the task's normalisation."""
+    if predicted is None:
+        return False
+    if task == "arc":
+        return _arc_label(predicted) == gold.strip().upper()
+    if task in NUMERIC_TASKS:
+        predicted = predicted[:MAX_ANSWER_CHARS].rsplit("=", 1)[-1]  # "Final answer: 3 + 4 = 7" -> 7
+        value, gold_value = parse_number(predicted), parse_number(gold)
+        if value is None or gold_value is None:
+            return predicted.strip() == gold.strip()
+        return value == gold_value
+    a, b = normalize_math(predicted), normalize_math(gold)
+    if a == b:
+        return True
+    va, vb = _math_value(a), _math_value(b)
+    return va is not None and va == vb
+
+
+def exact_match_reward(completion: str, gold: str, task: str) -> int:
+    """r = 1 if the completion's final answer equals the gold answer after normalisation, else 0 (Sec. 2)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    return int(answers_match(extract_answer(completion, task), gold, task))

@@ -1,0 +1,220 @@
+"""data.py: every extraction rule on realistic completions, the normalisations, the loaders and their errors."""
+import json
+import time
+
+import pytest
+
+import data
+from data import DataError, arith_problems, build_prompt, exact_match_reward, extract_answer, load_examples
+
+
+# --- extraction and reward -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion, gold, want", [
+    # the paper's format
+    ("Tom has 3 apples and buys 4 more, so 3 + 4 = 7.\nFinal answer: 7", "7", 1),
+    ("3 + 4 = 7\nFinal answer: 8", "7", 0),
+    # "Final answer:" followed by more text: a small model rambling on with a new question
+    ("3 + 4 = 7.\nFinal answer: 7\n\nQuestion: Ann has 2 pens... Final answer: 12", "7", 1),
+    ("Final answer: 7 apples. Tom started with 3 apples.", "7", 1),
+    ("Final answer: 3 + 4 = 7", "7", 1),
+    ("final answer is: 7", "7", 1),
+    # numeric normalisation
+    ("Final answer: $1,234", "1234", 1),
+    ("Final answer: 72.0", "72", 1),
+    ("Final answer: 72.50 dollars", "72.5", 1),
+    ("Final answer: 1/2", "0.5", 1),
+    ("Final answer: 50%", "50", 1),
+    ("Final answer: -3", "-3", 1),
+    ("Final answer: -3", "3", 0),
+    ("Final answer: 18 cups of flour.", "18", 1),
+    # GSM8K's own format
+    ("Natalia sold 48/2 = 24 clips in May.\n48 + 24 = 72\n#### 72", "72", 1),
+    # last \boxed{}
+    ("So the total is \\boxed{72} apples.", "72", 1),
+    # last number fallback, several numbers
+    ("Tom has 3 apples. He buys 4 more. 3 + 4 = 7. So Tom has 7 apples.", "7", 1),
+    ("Tom has 3 apples. He buys 4 more, so now he has 3 apples and 4 apples.", "7", 0),
+    ("I don't know.", "7", 0),
+    ("", "7", 0),
+])
+def test_numeric_reward(completion, gold, want):
+    assert exact_match_reward(completion, gold, "gsm8k") == want
+    assert exact_match_reward(completion, gold, "arith") == want
+
+
+@pytest.mark.parametrize("completion, gold, want", [
+    ("Plants make food by photosynthesis.\nFinal answer: B", "B", 1),
+    ("Final answer: (B)", "B", 1),
+    ("Final answer: B) sunlight", "B", 1),
+    ("Final answer: (C) water", "B", 0),
+    ("Final answer: The answer is B.", "B", 1),
+    ("Sunlight is the source, so the answer is (B).", "B", 1),
+    ("The answer is B because plants need light. Option A is wrong.", "B", 1),
+    ("Final answer: 2", "2", 1),  # digit labels
+    ("Final answer: (3)", "2", 0),
+    ("Final answer: Paris", "B", 0),
+    ("Final answer: a plant needs light", "A", 0),  # "a" is a word, not a label
+])
+def test_arc_reward(completion, gold, want):
+    assert exact_match_reward(completion, gold, "arc") == want
+
+
+@pytest.mark.parametrize("completion, gold, want", [
+    ("We get $x = \\frac{1}{2}$, so \\boxed{\\frac{1}{2}}.\nFinal answer: \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1),
+    ("Final answer: $\\dfrac{1}{2}$", "\\frac12", 1),
+    ("Final answer: 0.5", "\\frac{1}{2}", 1),
+    ("Final answer: \\boxed{90^\\circ}", "90", 1),
+    ("Final answer: 5 \\text{ cm}", "5", 1),
+    ("Final answer: x = 3", "3", 1),
+    ("Final answer: \\left( 1, 2 \\right)", "(1,2)", 1),
+    ("Final answer: \\sqrt2", "\\sqrt{2}", 1),
+    ("the area is \\boxed{\\frac{\\sqrt{3}}{4}} square units", "\\frac{\\sqrt{3}}{4}", 1),
+    ("Final answer: \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", 0),
+    ("The answer is 12.", "12", 0),  # MATH has no last-number fallback: the format is asked for
+])
+def test_math_reward(completion, gold, want):
+    assert exact_match_reward(completion, gold, "math") == want
+
+
+def test_last_boxed_nested_braces():
+    assert data.last_boxed("a \\boxed{1} then \\boxed{\\frac{a^{2}}{b}} end") == "\\frac{a^{2}}{b}"
+    assert data.last_boxed("\\boxed{unclosed") is None
+    assert data.last_boxed("no box") is None
+
+
+def test_extract_answer_alone():
+    assert extract_answer("blah\nFinal answer: 42\nmore", "gsm8k") == "42"
+    assert extract_answer("nothing here", "math") is None
+
+
+def test_huge_inputs_are_fast():
+    cases = [("word " * 200_000 + "Final answer: 7", "7"), ("1" * 10_000, "7"), ("7 " * 500_000, "7"),
+             ("Final answer: " + "9" * 10_000, "9" * 10_000), ("\\boxed{" * 100_000, "7"), ("{" * 1_000_000, "7")]
+    for task in ("gsm8k", "arc", "math"):
+        for completion, gold in cases:
+            start = time.perf_counter()
+            exact_match_reward(completion, gold, task)
+            assert time.perf_counter() - start < 0.5, (task, completion[:20])
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError):
+        exact_match_reward("Final answer: 1", "1", "gsm9k")
+
+
+# --- the built-in arithmetic task -------------------------------------------------------------------------------
+
+def test_arith_deterministic_disjoint_and_exact():
+    a = arith_problems(100, "train", seed=3, operands=3, ops="+-*")
+    assert a == arith_problems(100, "train", seed=3, operands=3, ops="+-*")
+    assert a != arith_problems(100, "train", seed=4, operands=3, ops="+-*")
+    test = arith_problems(100, "test", seed=4, operands=3, ops="+-*")
+    assert not {p["question"] for p in a} & {p["question"] for p in test}
+    for p in a + test:
+        numbers = [int(w) for w in p["question"].replace(".", " ").split() if w.isdigit()]
+        assert exact_match_reward(data.gold_solution(p), p["answer"], "arith") == 1
+        assert int(p["answer"]) >= 0 and len(numbers) == 3
+
+
+def test_arith_splits_disjoint_as_expressions_across_seeds():
+    train = {p["solution"] for s in range(5) for p in arith_problems(60, "train", seed=s)}
+    test = {p["solution"] for s in range(5) for p in arith_problems(20, "test", seed=s)}
+    assert not train & test
+
+
+def test_arith_too_many_asked():
+    with pytest.raises(ValueError, match="distinct"):
+        arith_problems(1000, "train", operands=1)
+
+
+def test_prompts_follow_the_paper():
+    p = build_prompt({"task": "gsm8k", "question": "What is 2+2?"})
+    assert p.startswith("Your task is to answer the question below. Give step by step reasoning")
+    assert '"Final answer: ..."' in p and p.endswith("Question: What is 2+2?\n\nSolution:")
+    arc = build_prompt({"task": "arc", "question": "Q?", "choices": [("A", "x"), ("B", "y")]})
+    assert "(insert letter here)" in arc and "Q?\n(A) x\n(B) y\n\nSolution:" in arc
+    shots = [{"question": f"q{i}", "solution": f"s{i} \\boxed{{{i}}}"} for i in range(4)]
+    math = build_prompt({"task": "math", "question": "last?"}, shots)
+    assert math.startswith("Your task is to answer the last question below.") and "\\boxed" in math
+    assert math.count("Question:") == 5 and math.endswith("Question: last?\n\nSolution:")
+
+
+# --- loaders and bad input --------------------------------------------------------------------------------------
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def test_load_gsm8k(tmp_path):
+    path = write(tmp_path, "g.jsonl", [{"question": "Q", "answer": "48/2 = <<48/2=24>>24\n#### 1,024"}])
+    (ex,) = load_examples("gsm8k", path)
+    assert ex["answer"] == "1024" and ex["solution"] == "48/2 = 24" and ex["task"] == "gsm8k"
+
+
+def test_load_arc_letters_and_digits(tmp_path):
+    path = write(tmp_path, "a.jsonl", [
+        {"id": "x", "question": "Q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"},
+        {"question": "Q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"}])
+    a, b = load_examples("arc", path)
+    assert a["answer"] == "B" and a["id"] == "x" and b["choices"][2] == ("3", "c")
+    assert "(3) c" in build_prompt(b)
+
+
+def test_load_math_nested_boxed(tmp_path):
+    path = write(tmp_path, "m.jsonl", [{"problem": "P", "solution": "so \\boxed{2} no, \\boxed{\\frac{1}{2}}."}])
+    assert load_examples("math", path)[0]["answer"] == "\\frac{1}{2}"
+
+
+def test_load_preferences_both_layouts(tmp_path):
+    path = write(tmp_path, "p.jsonl", [
+        {"prompt": "P", "chosen": "good", "rejected": "bad"},
+        {"prompt": [{"role": "user", "content": "P"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]}])
+    a, b = data.load_preferences(path)
+    assert a == {"prompt": "P", "chosen": "good", "rejected": "bad"}
+    assert b["prompt"] == [{"role": "user", "content": "P"}] and b["chosen"] == "good" and b["rejected"] == "bad"
+
+
+def test_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    path = str(tmp_path / "g.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "Q", "answer": "x\n#### 5"}]), path)
+    assert load_examples("gsm8k", path)[0]["answer"] == "5"
+
+
+@pytest.mark.parametrize("task, lines, message", [
+    ("gsm8k", ['{"question": "Q", "answer": "#### 1"}', "{not json"], r"g\.jsonl:2: not valid JSON"),
+    ("gsm8k", [{"question": "Q"}], r"g\.jsonl:1: missing field 'answer'"),
+    ("gsm8k", [{"question": "Q", "answer": "5"}], r"g\.jsonl:1: GSM8K answer has no '#### <number>' line"),
+    ("gsm8k", [{"question": "Q", "answer": "x ####  "}], r"g\.jsonl:1: nothing after '####'"),
+    ("gsm8k", [], r"g\.jsonl: no records \(empty file\)"),
+    ("gsm8k", ["[1, 2]"], r"g\.jsonl:1: expected a JSON object"),
+    ("arc", [{"question": "Q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "C"}], r":1: answerKey 'C'"),
+    ("arc", [{"question": "Q", "choices": {"text": ["a"]}, "answerKey": "A"}], r":1: 'choices' needs"),
+    ("math", [{"problem": "P", "solution": "no box"}], r":1: MATH solution has no \\boxed"),
+    ("math", [{"problem": 3, "solution": "\\boxed{1}"}], r":1: field 'problem' should be str, got int"),
+])
+def test_bad_input_names_file_line_and_problem(tmp_path, task, lines, message):
+    path = write(tmp_path, "g.jsonl", lines)
+    with pytest.raises(DataError, match=message) as err:
+        load_examples(task, path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_examples("gsm8k", str(tmp_path / "missing.jsonl"))
+
+
+def test_bad_preferences(tmp_path):
+    path = write(tmp_path, "p.jsonl", [{"prompt": "P", "chosen": "c", "rejected": "r"}, {"prompt": "P", "chosen": 1,
+                                                                                       "rejected": "r"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: field 'chosen' should be str or list"):
+        data.load_preferences(path)
+    path = write(tmp_path, "q.jsonl", [{"prompt": "P", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: the last message of 'chosen'"):
+        data.load_preferences(path)
