@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 import data
-from losses import length_normalized_nll, rpo_loss, sequence_logps
+from losses import dpo_loss, length_normalized_nll, rpo_loss, sequence_logps
 
 
 def opt(default, help, **kw):
@@ -60,8 +60,9 @@ class Config:
     task: str = opt("arith", "arith (built-in, offline), gsm8k, arc or math", choices=data.TASKS)
     train_file: str = opt("", "training examples in the task's published format (JSONL or Parquet); not for arith")
     test_file: str = opt("", "held-out test examples, same format; not for arith")
-    n_train: int = opt(64, "training questions (arith: generated; files: the first n, 0 = all)")
-    n_test: int = opt(100, "test questions (arith: generated; files: the first n, 0 = all)")
+    n_train: int = opt(40, "training questions (arith: generated; files: the first n, 0 = all)")
+    n_test: int = opt(25, "test questions (arith: generated, at most 25 for the default knobs, whose test split "
+                      "holds 25 distinct problems; files: the first n, 0 = all)")
     arith_operands: int = opt(2, "arith: numbers per problem")
     arith_digits: int = opt(1, "arith: digits per number")
     arith_ops: str = opt("+-", "arith: operations to draw from, any of '+-*'")
@@ -80,7 +81,7 @@ class Config:
     beta: float = opt(0.1, "β of the DPO term [0.1]")
     sft: bool = opt(False, "train with the NLL term on the winners only: the SFT-on-chosen (STaR) baseline")
     # --- optimisation
-    lr: float = opt(2e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
+    lr: float = opt(1e-4, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
     batch_size: int = opt(4, "pairs per forward pass (chosen and rejected are one concatenated batch)")
     grad_accum: int = opt(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]")
     epochs: int = opt(1, "passes over the pairs of an iteration")
@@ -523,12 +524,12 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
             ref_chosen = torch.tensor([reference[i]["chosen"] for i in micro], device=chosen.device)
             ref_rejected = torch.tensor([reference[i]["rejected"] for i in micro], device=chosen.device)
             losses, chosen_rewards, rejected_rewards = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                lengths, cfg.beta, cfg.alpha)
+                                                                lengths, cfg.beta, cfg.alpha)  # Eq. 1
             nll = length_normalized_nll(chosen, lengths)
-            if cfg.sft:
+            if getattr(cfg, "sft", False):  # STaR baseline: NLL on the winners only (sdpo.py has no such switch)
                 losses = nll
             (losses.sum() / len(indices)).backward()
-            values = {"loss": losses, "loss/dpo": losses - cfg.alpha * nll if not cfg.sft else losses * 0,
+            values = {"loss": losses, "loss/dpo": dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)[0],
                       "loss/nll": nll, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                       "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                       "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
@@ -633,34 +634,40 @@ def cached(path: str, compute, jsonl: bool = True):
     return result
 
 
-def rebuild_metrics(cfg: Config) -> None:
-    """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated."""
+def rebuild_metrics(out: str, folders: list) -> None:
+    """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated.
+    A stage's summary (stats.json, eval.json) becomes one record; a training log counts once its adapter exists."""
     records = []
-    for t in range(cfg.iterations + 1):
-        folder = os.path.join(cfg.out, f"iter_{t}")
-        for name in ("stats.json", "train_log.jsonl", "eval.json"):
-            path = os.path.join(folder, name)
-            if os.path.exists(path) and (name != "train_log.jsonl" or os.path.isdir(os.path.join(folder, "adapter"))):
-                if name == "train_log.jsonl":
-                    records += read_jsonl(path)
-                else:
-                    record = read_json(path)
-                    records.append({"iteration": t, "stage": name[:-5],
-                                    **{k: v for k, v in record.items() if k != "results"}})
-    write_jsonl(os.path.join(cfg.out, "metrics.jsonl"), records)
+    for name in folders:
+        folder = os.path.join(out, name)
+        for stage in ("stats.json", "train_log.jsonl", "eval.json"):
+            path = os.path.join(folder, stage)
+            if not os.path.exists(path):
+                continue
+            if stage == "train_log.jsonl":
+                records += read_jsonl(path) if os.path.isdir(os.path.join(folder, "adapter")) else []
+            else:
+                records.append({"folder": name, "stage": stage[:-5],
+                                **{k: v for k, v in read_json(path).items() if k != "results"}})
+    write_jsonl(os.path.join(out, "metrics.jsonl"), records)
+
+
+def metrics_logger(out: str):
+    """A function that appends a record to metrics.jsonl as training goes; `rebuild_metrics` tidies it after."""
+    def log(record):
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
 
 
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     open_run(cfg, "rpo.py")
     train_examples, test_examples, shots = load_data(cfg)
-    rebuild_metrics(cfg)
+    folders = [f"iter_{t}" for t in range(cfg.iterations + 1)]
+    rebuild_metrics(cfg.out, folders)
     model, tokenizer = load_model(cfg)
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-
-    def log(record):  # live per-step log; rebuilt from the finished stages after each stage
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    log = metrics_logger(cfg.out)
 
     def folder(t, name=""):
         return os.path.join(cfg.out, f"iter_{t}", name)
@@ -685,11 +692,11 @@ def run(cfg: Config) -> list:
             records = train(model, tokenizer, pairs, reference, cfg, t, log)                   # 4. train M_t
             write_jsonl(folder(t, "train_log.jsonl"), records)
             save_adapter(model, folder(t, "adapter"))
-        else:
-            load_adapter(model, folder(t, "adapter"))
+        elif not os.path.exists(folder(t, "eval.json")):
+            load_adapter(model, folder(t, "adapter"))  # resuming: M_t is on disk
         seed_everything(cfg.seed, t, "eval")
         cached(folder(t, "eval.json"), lambda: evaluate(model, tokenizer, cfg, test_examples, shots, t), jsonl=False)
-        rebuild_metrics(cfg)                                                                   # 5. evaluate
+        rebuild_metrics(cfg.out, folders)                                                      # 5. evaluate
     rows = summary_rows(cfg)
     print(format_table(rows, cfg))
     return rows
@@ -727,7 +734,8 @@ def build_parser(config_class=Config, presets=PRESETS, description=__doc__) -> a
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
                                      formatter_class=lambda prog: argparse.HelpFormatter(prog, width=110))
     parser.add_argument("--config", help="JSON file of Config fields (flags given on the command line win)")
-    parser.add_argument("--preset", choices=sorted(presets), help="the paper's settings for a task on a 7B model")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="the paper's settings for a task on a 7B model")
     for f in dataclasses.fields(config_class):
         name, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

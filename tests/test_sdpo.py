@@ -1,0 +1,133 @@
+"""sdpo.py on a tiny random Llama: two steps end to end, the moving reference, --steps 1 = DPO, splits, resume."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import rpo
+import sdpo
+from test_rpo import full_run, snapshot  # noqa: F401  (full_run: pairs written by rpo.py)
+
+
+def write_pairs(path, n, offset=0):
+    with open(path, "w") as f:
+        for i in range(offset, offset + n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
+                                "chosen": f"{i} + 2 = {i + 2}.\nFinal answer: {i + 2}",
+                                "rejected": f"It is {i + 5}."}) + "\n")
+    return str(path)
+
+
+def config(tmp_path, files, **kw):
+    base = dict(data=files, model="tiny-random", out=str(tmp_path / "run"), steps=2, heldout=4, lr=3e-3,
+                batch_size=2, grad_accum=2)
+    return sdpo.Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdpo")
+    cfg = config(tmp, [write_pairs(tmp / "p.jsonl", 24)])
+    return cfg, sdpo.run(cfg)
+
+
+def logps_under(cfg, adapter, pairs):
+    model, tokenizer = rpo.load_model(cfg)
+    if adapter:
+        rpo.load_adapter(model, adapter)
+    return rpo.reference_logps(model, tokenizer, pairs, cfg, "check")
+
+
+def test_two_steps_end_to_end(two_steps):
+    cfg, rows = two_steps
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r.get("pairs") for r in rows] == [None, 10, 10]
+    metrics = rpo.read_jsonl(f"{cfg.out}/metrics.jsonl")
+    assert [m["stage"] for m in metrics if "stage" in m] == ["eval", "stats", "eval", "stats", "eval"]
+    assert rows[2]["heldout/gamma_mean"] > rows[0]["heldout/gamma_mean"]  # training moved the held-out margin
+
+
+def test_step_2_reference_is_the_step_1_model_not_the_base(two_steps):
+    cfg, _ = two_steps
+    chunk = rpo.read_jsonl(f"{cfg.out}/step_2/pairs.jsonl")
+    stored = rpo.read_jsonl(f"{cfg.out}/step_2/reference.jsonl")
+    under_m1 = logps_under(cfg, f"{cfg.out}/step_1/adapter", chunk)
+    under_m0 = logps_under(cfg, None, chunk)
+    for s, m1, m0 in zip(stored, under_m1, under_m0):
+        assert s["chosen"] == pytest.approx(m1["chosen"], abs=1e-4)
+        assert s["rejected"] == pytest.approx(m1["rejected"], abs=1e-4)
+        assert abs(s["chosen"] - m0["chosen"]) > 1e-2  # the classic LoRA mistake would give these
+    # The mean γ_ref of step 2 is the mean γ of M_1, so it is the step-1 model that sets the bar.
+    stats = rpo.read_json(f"{cfg.out}/step_2/stats.json")
+    assert stats["gamma_ref_mean"] == pytest.approx(sum(m["chosen"] - m["rejected"] for m in under_m1) / 10, abs=1e-3)
+
+
+def test_one_step_is_plain_dpo_on_all_data(tmp_path):
+    cfg = config(tmp_path, [write_pairs(tmp_path / "p.jsonl", 14)], steps=1)
+    sdpo.run(cfg)
+    chunk = rpo.read_jsonl(f"{cfg.out}/step_1/pairs.jsonl")
+    assert len(chunk) == 10
+    model, tokenizer = rpo.load_model(cfg)  # one DPO run over all the training pairs, by hand
+    reference = rpo.reference_logps(model, tokenizer, chunk, cfg, "ref")
+    rpo.seed_everything(cfg.seed, 1, "train")
+    rpo.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
+    from peft import load_peft_weights
+
+    saved = load_peft_weights(f"{cfg.out}/step_1/adapter")
+    mine = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(mine) > 0
+    for name, value in saved.items():
+        key = next(k for k in mine if k.replace(".default", "") == name)
+        assert torch.allclose(mine[key], value, atol=1e-6), name
+
+
+@pytest.mark.parametrize("mode, steps", [("random", 3), ("easy-to-hard", 3), ("given", 2), ("random", 1)])
+def test_each_split_partitions_the_data(mode, steps):
+    pairs = list(range(23))
+    files = ["a"] * 9 + ["b"] * 14
+    gammas = [((i * 7) % 23) - 11.0 for i in range(23)]
+    chunks = sdpo.split_steps(pairs, files, mode, steps, gammas, seed=0)
+    assert len(chunks) == steps and sorted(i for c in chunks for i in c) == list(range(23))
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= (14 - 9 if mode == "given" else 1)
+    if mode == "easy-to-hard":
+        assert max(gammas[i] for i in chunks[0]) <= min(gammas[i] for i in chunks[1])
+    if mode == "given":
+        assert chunks == [list(range(9)), list(range(9, 23))]
+
+
+def test_given_split_steps_one_file_each(tmp_path):
+    files = [write_pairs(tmp_path / "a.jsonl", 8), write_pairs(tmp_path / "b.jsonl", 8, offset=100)]
+    cfg = config(tmp_path, files, split="given", heldout=2)
+    rows = sdpo.run(cfg)
+    assert sum(r.get("pairs", 0) for r in rows) == 14
+    with pytest.raises(SystemExit, match="one file per step"):
+        sdpo.run(config(tmp_path, files, split="given", steps=3, out=str(tmp_path / "other")))
+
+
+@pytest.mark.parametrize("cut", ["step_0/eval.json", "step_1/reference.jsonl", "step_1/eval.json"])
+def test_resume(two_steps, tmp_path, cut):
+    cfg, _ = two_steps
+    order = ["heldout.jsonl", "step_0/heldout_logps.jsonl", "step_0/eval.json"] + [
+        f"step_{t}/{name}" for t in (1, 2) for name in ("pairs.jsonl", "reference.jsonl", "stats.json",
+                                                       "train_log.jsonl", "adapter", "heldout_logps.jsonl", "eval.json")]
+    stopped = tmp_path / "run"
+    shutil.copytree(cfg.out, stopped)
+    for name in order[order.index(cut) + 1:]:
+        path = stopped / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    sdpo.run(sdpo.Config(**{**cfg.__dict__, "out": str(stopped)}))
+    assert snapshot(stopped) == snapshot(cfg.out)
+
+
+def test_over_rpo_pairs_measures_task_accuracy(full_run, tmp_path):
+    out, _ = full_run
+    cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl"), str(out / "iter_2" / "pairs.jsonl")], heldout=4)
+    rows = sdpo.run(cfg)
+    assert all("accuracy" in r and r["test_n"] == 4 for r in rows)
+
+
+def test_bad_data_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:1: missing field 'rejected'"):
+        sdpo.main(["--data", str(bad), "--model", "tiny-random", "--out", str(tmp_path / "r")])
