@@ -370,8 +370,9 @@ class FinalAnswerStop:
 
 
 def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_new_tokens: int, batch_size: int,
-             desc: str) -> list:
-    """n completions for each prompt (temperature 0 = greedy); rows sorted by prompt length, left-padded."""
+             desc: str, stats: dict | None = None) -> list:
+    """n completions for each prompt (temperature 0 = greedy); rows sorted by prompt length, left-padded.
+    `stats`, if given, receives the token counts: kept (in the completions) and computed (rows × steps)."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -383,7 +384,7 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
                               eos_token_id=tokenizer.eos_token_id, **sampling)
     model.eval()
     bar = Progress(len(rows), desc, "seq")
-    new_tokens = 0
+    new_tokens = computed = 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         width = max(len(encoded[i]) for i, _ in batch)
@@ -401,10 +402,13 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
             tokens = sequences[row, width:].tolist()
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-            new_tokens += len(tokens)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             out[i][j] = text[:data.answer_line_end(text) or len(text)]
+            new_tokens += len(tokens)
+        computed += sequences[:, width:].numel()
         bar.update(len(batch), f"{new_tokens / (time.time() - bar.start):.0f} tok/s")
+    if stats is not None:
+        stats.update(kept=new_tokens, computed=computed, seconds=time.time() - bar.start)
     return out
 
 

@@ -222,6 +222,7 @@ def four_bit_and_full_precision(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr(rpo, "CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the pitfall and this check are CPU ones
     cfg = tiny_config(tmp_path, load_in_4bit=True)
     quantised, tokenizer = rpo.load_model(cfg)
     torch.manual_seed(1)

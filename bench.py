@@ -1,0 +1,274 @@
+"""Benchmarks of the two costs of the Iterative RPO loop: sampling and DPO training steps. Each prints a table with
+the machine, the versions and the commit. Speed and memory are measured here, never asserted in tests.
+
+    python bench.py sample                 # the loop's sampling stage vs plain model.generate (SmolLM2-135M)
+    python bench.py train                  # our DPO+NLL step vs TRL's DPOTrainer (pip install ".[bench]")
+    python bench.py gpu-7b                 # Llama-2-7B-shaped random model, NF4 + LoRA r=16: memory, step, sampling
+
+Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+import data
+import rpo
+
+
+def header(title: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return (f"### {title}\n\n{time.strftime('%Y-%m-%d')}, commit {commit}, {device}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}\n")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, above what it held at the start (CPU)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.process, self.stop, self.peak = psutil.Process(), False, 0
+        self.base = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def table(head: list, rows: list) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# =================================================================================================================
+
+def bench_sample(args) -> None:
+    """Tokens per second of the loop's sampling stage (`rpo.generate`: stop after the answer line, rows sorted by
+    length) against plain `model.generate` with the same prompts, alternating; and the share of computed tokens
+    that come after the final answer."""
+    cfg = rpo.Config(model=args.model)
+    model, tokenizer = rpo.load_model(cfg)
+    examples = data.arith_problems(args.questions, "train", seed=1)
+    prompts = [rpo.task_prompt(tokenizer, ex, []) for ex in examples]
+    rows = []
+    for batch in args.batch:
+        ours, plain, waste_ours, waste_plain = [], [], [], []
+        for _ in range(args.repeats):
+            stats = {}
+            rpo.generate(model, tokenizer, prompts, batch // len(prompts) or 1, 0.8, args.new_tokens, batch,
+                         "ours", stats)
+            ours.append(stats["kept"] / stats["seconds"])
+            waste_ours.append(1 - stats["kept"] / stats["computed"])
+            tok_s, waste = plain_generate(model, tokenizer, prompts, batch, args.new_tokens)
+            plain.append(tok_s)
+            waste_plain.append(waste)
+        rows.append([batch, f"{statistics.median(plain):.0f}", f"{statistics.median(ours):.0f}",
+                     f"{statistics.median(ours) / statistics.median(plain):.2f}",
+                     f"{100 * statistics.median(waste_plain):.0f}", f"{100 * statistics.median(waste_ours):.0f}"])
+    print(header(f"Sampling, {args.model}, fp32, {args.new_tokens} new tokens, temperature 0.8"))
+    print(table(["batch", "plain generate tok/s", "rpo.generate tok/s", "ratio",
+                 "plain: % tokens after answer", "ours: % computed after answer"], rows))
+    print("\ntok/s counts the tokens kept in completions (up to EOS or the end of the answer line).")
+
+
+def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int):
+    """Plain model.generate on `batch` rows (prompts repeated), left-padded by the tokenizer; tokens kept are
+    those up to the end of the answer line or EOS, the rest counts as after the answer."""
+    from transformers import GenerationConfig
+
+    texts = [rpo.prompt_text(tokenizer, prompts[i % len(prompts)]) for i in range(batch)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.eval()
+    start = time.time()
+    with torch.no_grad():
+        out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+    seconds = time.time() - start
+    kept = 0
+    for row in out.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        end = data.answer_line_end(text)
+        kept += len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) if end else len(row)
+    return kept / seconds, 1 - kept / out.numel()
+
+
+# =================================================================================================================
+
+def demo_pairs(n: int) -> list:
+    """Pairs of the arithmetic task in the loop's format: a right and a wrong worked answer per question."""
+    pairs = []
+    for ex in data.arith_problems(n, "train", seed=2):
+        prompt = [{"role": "user", "content": data.build_prompt(ex)}]
+        wrong = int(ex["answer"]) + 3
+        pairs.append({"prompt": prompt, "chosen": data.gold_solution(ex),
+                      "rejected": f"{ex['solution'].split('=')[0]}= {wrong}.\nFinal answer: {wrong}"})
+    return pairs
+
+
+def bench_train(args) -> None:
+    """Seconds per pair and peak memory of one pass over the same pairs: ours (reference pass + training) against
+    TRL's DPOTrainer with loss_type=["sigmoid", "sft"], LoRA, its default reference handling, and with
+    precompute_ref_log_probs=True. Same model, pairs, batch and lengths; sides alternate."""
+    pairs = demo_pairs(args.pairs)
+    cfg = rpo.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5)
+    sides = {"ours": lambda: ours_pass(cfg, pairs)}
+    try:
+        import trl  # noqa: F401
+
+        sides["TRL default ref"] = lambda: trl_pass(cfg, pairs, precompute=False)
+        sides["TRL precomputed ref"] = lambda: trl_pass(cfg, pairs, precompute=True)
+    except ImportError:
+        print("TRL is not installed (pip install '.[bench]'): only our side is measured", file=sys.stderr)
+    times, memory = {k: [] for k in sides}, {k: [] for k in sides}
+    for _ in range(args.repeats):
+        for name, side in sides.items():
+            with PeakRSS() as peak:
+                seconds = side()
+            times[name].append(seconds / len(pairs))
+            memory[name].append(peak.peak / 2**20)
+    base = statistics.median(times.get("TRL default ref", times["ours"]))
+    rows = [[name, f"{statistics.median(times[name]):.3f}", f"{statistics.median(times[name]) / base:.2f}",
+             f"{statistics.median(memory[name]):.0f}"] for name in sides]
+    print(header(f"DPO+NLL training, {args.model}, LoRA r={cfg.lora_r} all-linear, fp32, {len(pairs)} pairs, "
+                 f"batch {args.batch}"))
+    print(table(["side", "s / pair (median)", "× TRL default", "peak RSS above start, MiB (median)"], rows))
+
+
+def ours_pass(cfg, pairs) -> float:
+    model, tokenizer = rpo.load_model(cfg)
+    start = time.time()
+    reference = rpo.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
+    rpo.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    return time.time() - start
+
+
+def trl_pass(cfg, pairs, precompute: bool) -> float:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    path = rpo.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+                           learning_rate=cfg.lr, beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+                           precompute_ref_log_probs=precompute, max_length=cfg.max_length, report_to=[],
+                           save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer,
+                             peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
+        start = time.time()
+        trainer.train()
+        return time.time() - start
+
+
+# =================================================================================================================
+
+def bench_gpu_7b(args) -> None:
+    """A Llama-2-7B-shaped model (random weights: speed and memory do not depend on the values) in 4-bit NF4 with
+    LoRA r=16 on all linear layers and gradient checkpointing: one training step per length, then sampling."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py gpu-7b needs a CUDA GPU")
+    path = os.path.join(rpo.CACHE, "llama-2-7b-shape")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        shape = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        with torch.device("cuda"):
+            LlamaForCausalLM(shape).to(torch.bfloat16).save_pretrained(path)
+        rpo.tiny_random()[1].save_pretrained(path)  # any tokenizer: the benchmark feeds token ids
+        torch.cuda.empty_cache()
+    cfg = rpo.Config(model=path, load_in_4bit=True, gradient_checkpointing=True, batch_size=1, grad_accum=1)
+    model, _ = rpo.load_model(cfg)
+    rows = [["weights (NF4) + LoRA", "-", f"{torch.cuda.memory_allocated() / 2**30:.2f}", "-"]]
+    optimizer = rpo.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5)
+    for length in args.lengths:
+        torch.cuda.reset_peak_memory_stats()
+        prompt, response = [5] * 100, [7] * (length - 101)
+        batch = rpo.collate([(prompt, response + [2], [9] * len(response) + [2])], 2)
+        model.train()
+        times = []
+        for _ in range(args.repeats + 1):
+            torch.cuda.synchronize()
+            start = time.time()
+            chosen, rejected, lengths = rpo.pair_logps(model, batch)
+            rpo.rpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), lengths, 0.1, 1.0)[0].sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.time() - start)
+        step = statistics.median(times[1:])  # the first step warms up kernels
+        rows.append([f"train step, 1 pair of 2×{length}", f"{step:.3f}",
+                     f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{2 * length / step:.0f}"])
+    model.eval()
+    for batch_size in args.sample_batch:
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(3, 250, (batch_size, 128), device="cuda")
+        config = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=True, temperature=0.8, top_k=0,
+                                  top_p=1.0, pad_token_id=2, eos_token_id=2)
+        with torch.no_grad():
+            torch.cuda.synchronize()
+            start = time.time()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            torch.cuda.synchronize()
+        seconds = time.time() - start
+        rows.append([f"sampling, batch {batch_size}, 128 + 256 tokens", f"{seconds:.1f}",
+                     f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{batch_size * 256 / seconds:.0f}"])
+    print(header("Llama-2-7B shape, NF4 + double quantisation, LoRA r=16 all-linear, gradient checkpointing"))
+    print(table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("sample", help="sampling stage vs plain generate")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--questions", type=int, default=8, help="distinct prompts, repeated to fill a batch")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("train", help="DPO+NLL training vs TRL DPOTrainer")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("gpu-7b", help="7B-shaped QLoRA memory and speed on a GPU")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--sample-batch", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    {"sample": bench_sample, "train": bench_train, "gpu-7b": bench_gpu_7b}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
