@@ -8,13 +8,13 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -25,35 +25,14 @@ import rpo
 
 def header(title: str) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or \
+        os.environ.get("BENCH_COMMIT", "unknown")  # a copy of the tree without .git (a remote GPU) names it
     import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
         f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return (f"### {title}\n\n{time.strftime('%Y-%m-%d')}, commit {commit}, {device}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}\n")
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, above what it held at the start (CPU)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.process, self.stop, self.peak = psutil.Process(), False, 0
-        self.base = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
 
 
 def table(head: list, rows: list) -> str:
@@ -131,33 +110,46 @@ def demo_pairs(n: int) -> list:
     return pairs
 
 
+TRAIN_SIDES = ("ours", "TRL default ref", "TRL precomputed ref")
+
+
 def bench_train(args) -> None:
     """Seconds per pair and peak memory of one pass over the same pairs: ours (reference pass + training) against
     TRL's DPOTrainer with loss_type=["sigmoid", "sft"], LoRA, its default reference handling, and with
-    precompute_ref_log_probs=True. Same model, pairs, batch and lengths; sides alternate."""
-    pairs = demo_pairs(args.pairs)
-    cfg = rpo.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5)
-    sides = {"ours": lambda: ours_pass(cfg, pairs)}
+    precompute_ref_log_probs=True. Same model, pairs, batch and lengths. Each pass runs in a fresh child process
+    (so that its peak resident memory is its own), the sides alternating."""
+    sides = list(TRAIN_SIDES)
     try:
         import trl  # noqa: F401
-
-        sides["TRL default ref"] = lambda: trl_pass(cfg, pairs, precompute=False)
-        sides["TRL precomputed ref"] = lambda: trl_pass(cfg, pairs, precompute=True)
     except ImportError:
         print("TRL is not installed (pip install '.[bench]'): only our side is measured", file=sys.stderr)
+        sides = sides[:1]
     times, memory = {k: [] for k in sides}, {k: [] for k in sides}
     for _ in range(args.repeats):
-        for name, side in sides.items():
-            with PeakRSS() as peak:
-                seconds = side()
-            times[name].append(seconds / len(pairs))
-            memory[name].append(peak.peak / 2**20)
+        for name in sides:
+            result = subprocess.run([sys.executable, os.path.abspath(__file__), "train-side", name, "--model",
+                                     args.model, "--pairs", str(args.pairs), "--batch", str(args.batch)],
+                                    capture_output=True, text=True, check=True)
+            seconds, peak = json.loads(result.stdout.strip().splitlines()[-1])
+            times[name].append(seconds / args.pairs)
+            memory[name].append(peak)
     base = statistics.median(times.get("TRL default ref", times["ours"]))
     rows = [[name, f"{statistics.median(times[name]):.3f}", f"{statistics.median(times[name]) / base:.2f}",
              f"{statistics.median(memory[name]):.0f}"] for name in sides]
-    print(header(f"DPO+NLL training, {args.model}, LoRA r={cfg.lora_r} all-linear, fp32, {len(pairs)} pairs, "
-                 f"batch {args.batch}"))
-    print(table(["side", "s / pair (median)", "× TRL default", "peak RSS above start, MiB (median)"], rows))
+    print(header(f"DPO+NLL training, {args.model}, LoRA r=16 all-linear, fp32, {args.pairs} pairs, batch "
+                 f"{args.batch}, one pass with its reference log-probs"))
+    print(table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"], rows))
+
+
+def train_side(args) -> None:
+    """One side of `bench_train`, in this (child) process: prints [seconds, peak RSS in MiB]."""
+    pairs = demo_pairs(args.pairs)
+    cfg = rpo.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5)
+    seconds = ours_pass(cfg, pairs) if args.side == "ours" else \
+        trl_pass(cfg, pairs, precompute=args.side == "TRL precomputed ref")
+    import resource
+
+    print(json.dumps([seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
 
 
 def ours_pass(cfg, pairs) -> float:
@@ -182,7 +174,9 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
                            learning_rate=cfg.lr, beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
                            precompute_ref_log_probs=precompute, max_length=cfg.max_length, report_to=[],
                            save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
+        conversational = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                           "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(conversational),
                              processing_class=tokenizer,
                              peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -262,12 +256,17 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("train-side", help=argparse.SUPPRESS)
+    p.add_argument("side", choices=TRAIN_SIDES)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
     p = sub.add_parser("gpu-7b", help="7B-shaped QLoRA memory and speed on a GPU")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--sample-batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    {"sample": bench_sample, "train": bench_train, "gpu-7b": bench_gpu_7b}[args.what](args)
+    {"sample": bench_sample, "train": bench_train, "train-side": train_side, "gpu-7b": bench_gpu_7b}[args.what](args)
 
 
 if __name__ == "__main__":
