@@ -35,12 +35,6 @@ def header(title: str) -> str:
             f"transformers {transformers.__version__}\n")
 
 
-def table(head: list, rows: list) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 # =================================================================================================================
 
 def bench_sample(args) -> None:
@@ -67,7 +61,7 @@ def bench_sample(args) -> None:
                      f"{statistics.median(ours) / statistics.median(plain):.2f}",
                      f"{100 * statistics.median(waste_plain):.0f}", f"{100 * statistics.median(waste_ours):.0f}"])
     print(header(f"Sampling, {args.model}, fp32, {args.new_tokens} new tokens, temperature 0.8"))
-    print(table(["batch", "plain generate tok/s", "rpo.generate tok/s", "ratio",
+    print(rpo.markdown_table(["batch", "plain generate tok/s", "rpo.generate tok/s", "ratio",
                  "plain: % tokens after answer", "ours: % computed after answer"], rows))
     print("\ntok/s counts the tokens kept in completions (up to EOS or the end of the answer line).")
 
@@ -138,7 +132,8 @@ def bench_train(args) -> None:
              f"{statistics.median(memory[name]):.0f}"] for name in sides]
     print(header(f"DPO+NLL training, {args.model}, LoRA r=16 all-linear, fp32, {args.pairs} pairs, batch "
                  f"{args.batch}, one pass with its reference log-probs"))
-    print(table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"], rows))
+    print(rpo.markdown_table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"],
+                             rows))
 
 
 def train_side(args) -> None:
@@ -239,7 +234,7 @@ def bench_gpu_7b(args) -> None:
         rows.append([f"sampling, batch {batch_size}, 128 + 256 tokens", f"{seconds:.1f}",
                      f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{batch_size * 256 / seconds:.0f}"])
     print(header("Llama-2-7B shape, NF4 + double quantisation, LoRA r=16 all-linear, gradient checkpointing"))
-    print(table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
+    print(rpo.markdown_table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
 
 
 def main(argv=None) -> None:

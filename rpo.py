@@ -345,8 +345,12 @@ def collate(encoded: list, pad_id: int):
 def pair_logps(model, batch):
     """One concatenated forward for chosen and rejected: (chosen logps, rejected logps, chosen lengths), (B,)."""
     ids, mask, labels = (t.to(model.device) for t in batch)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (2B, T, V)
-    logps, lengths = sequence_logps(logits, labels)  # (2B,)
+    # Only positions from the one before the earliest response token on are scored: skipping the prompt's logits
+    # saves their share of the lm_head product and of the (2B, T, V) logits memory, forward and backward.
+    first = int((labels != -100).float().argmax(-1).min())
+    keep = ids.shape[1] - max(first - 1, 0)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits  # (2B, keep, V)
+    logps, lengths = sequence_logps(logits, labels[:, -keep:])  # (2B,)
     half = ids.shape[0] // 2
     return logps[:half], logps[half:], lengths[:half]
 
@@ -515,8 +519,9 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.lr)
-    steps = [step for epoch in range(cfg.epochs) for step in batches(
-        random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(len(pairs)), len(pairs)), cfg.batch_size * cfg.grad_accum)]
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = [step for epoch in range(cfg.epochs)
+             for step in batches(random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(len(pairs)), len(pairs)), per_step)]
     if cfg.max_steps:
         steps = steps[:cfg.max_steps]
     records, bar = [], Progress(len(steps), f"iter {t} train", "step")
@@ -570,11 +575,11 @@ def majority(answers: list, task: str):
     return max(groups, key=lambda g: g[1])[0] if groups else None
 
 
-def evaluate(model, tokenizer, cfg: Config, examples: list, shots: list, t: int) -> dict:
+def evaluate(model, tokenizer, cfg: Config, examples: list, shots: list, t: int, label: str = "iter") -> dict:
     """Greedy accuracy and maj@k (k samples at the paper's temperature 0.8) on the held-out test split."""
     prompts = [task_prompt(tokenizer, ex, shots) for ex in examples]
     greedy = generate(model, tokenizer, prompts, 1, 0.0, cfg.max_new_tokens, cfg.sample_batch_size,
-                      f"iter {t} eval greedy")
+                      f"{label} {t} eval greedy")
     results = [{"id": ex["id"], "completion": g[0], "extracted": data.extract_answer(g[0], ex["task"]),
                 "gold": ex["answer"]} for ex, g in zip(examples, greedy)]
     for r, ex in zip(results, examples):
@@ -582,12 +587,12 @@ def evaluate(model, tokenizer, cfg: Config, examples: list, shots: list, t: int)
     summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results)}
     if cfg.eval_k:
         votes = generate(model, tokenizer, prompts, cfg.eval_k, cfg.eval_temperature, cfg.max_new_tokens,
-                         cfg.sample_batch_size, f"iter {t} eval maj@{cfg.eval_k}")
+                         cfg.sample_batch_size, f"{label} {t} eval maj@{cfg.eval_k}")
         for r, ex, outs in zip(results, examples, votes):
             vote = majority([data.extract_answer(o, ex["task"]) for o in outs], ex["task"])
             r["majority"], r["majority_correct"] = vote, int(data.answers_match(vote, ex["answer"], ex["task"]))
         summary[f"maj@{cfg.eval_k}"] = sum(r["majority_correct"] for r in results) / len(results)
-    print(f"iter {t}: test accuracy {summary['accuracy']:.3f}" +
+    print(f"{label} {t}: test accuracy {summary['accuracy']:.3f}" +
           (f", maj@{cfg.eval_k} {summary[f'maj@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""), file=sys.stderr)
     return {**summary, "results": results}
 
@@ -718,17 +723,19 @@ def summary_rows(cfg: Config) -> list:
     return rows
 
 
+def markdown_table(head: list, rows: list) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def format_table(rows: list, cfg: Config) -> str:
     def cell(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}" if pct else str(v))
 
     head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "test acc %", f"maj@{cfg.eval_k} %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['iteration']} | {cell(r['questions'])} | {cell(r['pairs'])} | "
-                     f"{cell(r['train_accuracy'], True)} | {cell(r['test_accuracy'], True)} | "
-                     f"{cell(r['majority'], True)} |")
-    return "\n".join(lines)
+    return markdown_table(head, [[r["iteration"], cell(r["questions"]), cell(r["pairs"]),
+                                  cell(r["train_accuracy"], True), cell(r["test_accuracy"], True),
+                                  cell(r["majority"], True)] for r in rows])
 
 
 # =================================================================================================================
@@ -773,12 +780,17 @@ def parse_config(argv, config_class=Config, presets=PRESETS, description=__doc__
     return config_class(**values)
 
 
-def main(argv=None) -> None:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+def cli(argv, run_function, config_class=Config, presets=PRESETS, description=__doc__) -> None:
+    """Parse the flags, run, and turn bad input into one line and a non-zero exit."""
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, config_class, presets, description)
     try:
-        run(cfg)
+        run_function(cfg)
     except data.DataError as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv=None) -> None:
+    cli(argv, run)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def heldout_eval(logps: list, initial: list, t: int) -> dict:
     gamma = [p["chosen"] - p["rejected"] for p in logps]
     gamma0 = [p["chosen"] - p["rejected"] for p in initial]
     n = max(1, len(gamma))
-    return {"step": t, "heldout/gamma_mean": sum(gamma) / n, "heldout/preference_accuracy": sum(g > 0 for g in gamma) / n,
+    return {"step": t, "heldout/gamma_mean": sum(gamma) / n,
+            "heldout/preference_accuracy": sum(g > 0 for g in gamma) / n,
             "heldout/reward_accuracy": sum(g > g0 for g, g0 in zip(gamma, gamma0)) / n}
 
 
@@ -194,7 +195,7 @@ def evaluate(model, tokenizer, cfg: Config, task_cfg, logps: list, initial: list
         if task_cfg is not None:
             _, test, shots = rpo.load_data(task_cfg)
             rpo.seed_everything(cfg.seed, t, "eval")
-            task = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t)
+            task = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t, label="step")
             result.update({k: v for k, v in task.items() if k not in ("iteration", "n")}, test_n=task["n"])
         return result
     return rpo.cached(os.path.join(cfg.out, f"step_{t}", "eval.json"), compute, jsonl=False)
@@ -203,22 +204,15 @@ def evaluate(model, tokenizer, cfg: Config, task_cfg, logps: list, initial: list
 def format_table(rows: list) -> str:
     head = ["step", "pairs", "mean γ_ref (train chunk)", "held-out mean γ", "held-out pref. acc %",
             "held-out reward acc %", "test acc %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["step"], r.get("pairs", "-"), f"{r['gamma_ref_mean']:.2f}" if "gamma_ref_mean" in r else "-",
-                 f"{r['heldout/gamma_mean']:.2f}", f"{100 * r['heldout/preference_accuracy']:.1f}",
-                 f"{100 * r['heldout/reward_accuracy']:.1f}" if r["step"] else "-",
-                 f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return rpo.markdown_table(head, [[
+        r["step"], r.get("pairs", "-"), f"{r['gamma_ref_mean']:.2f}" if "gamma_ref_mean" in r else "-",
+        f"{r['heldout/gamma_mean']:.2f}", f"{100 * r['heldout/preference_accuracy']:.1f}",
+        f"{100 * r['heldout/reward_accuracy']:.1f}" if r["step"] else "-",
+        f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-"] for r in rows])
 
 
 def main(argv=None) -> None:
-    cfg = rpo.parse_config(sys.argv[1:] if argv is None else argv, Config, {}, __doc__)
-    try:
-        run(cfg)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    rpo.cli(argv, run, Config, {}, __doc__)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,20 @@ def test_reference_logps_equal_policy_at_step_0(tmp_path):
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_pair_logps_scores_the_responses_of_full_logits():
+    from losses import sequence_logps
+
+    model, tokenizer = rpo.tiny_random()
+    pairs = some_pairs(3)
+    pairs[1]["prompt"][0]["content"] += " Think carefully, please."  # prompts of different lengths
+    batch = rpo.collate([rpo.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected, lengths = rpo.pair_logps(model, batch)
+        full = sequence_logps(model(input_ids=batch[0], attention_mask=batch[1]).logits, batch[2])
+    assert torch.allclose(torch.cat([chosen, rejected]), full[0], atol=1e-4)
+    assert torch.equal(lengths, full[1][:3])
+
+
 def mean_loss(model, tokenizer, pairs, reference, cfg):
     model.eval()
     encoded = [rpo.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
