@@ -1,0 +1,79 @@
+"""Plots of rpo.py and sdpo.py run directories, from their metrics.jsonl and eval.json files (pip install ".[plot]").
+
+    python plot.py runs/demo runs/sdpo-demo --out plots
+
+For each run directory: test accuracy per iteration or step (the papers' tables), and the log-probabilities of
+chosen and rejected responses over training steps (arXiv 2404.19733v3, Fig. 3); for sDPO runs also the held-out
+mean γ per step (arXiv 2403.19270v1, Fig. 2). One PNG per figure, named after the run directory.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def read_run(folder: str):
+    with open(os.path.join(folder, "config.json")) as f:
+        script = json.load(f).get("script", "rpo.py")
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return script, records
+
+
+def plot_run(folder: str, out: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    script, records = read_run(folder)
+    name = os.path.basename(os.path.normpath(folder))
+    unit = "step" if script == "sdpo.py" else "iteration"
+    evals = [r for r in records if r.get("stage") == "eval"]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    fig, axes = plt.subplots(1, 3 if script == "sdpo.py" else 2, figsize=(15 if script == "sdpo.py" else 10, 4))
+    x = [int(r["folder"].split("_")[1]) for r in evals]
+    axes[0].plot(x, [100 * r["accuracy"] for r in evals if "accuracy" in r] or [None] * len(x), "o-", label="greedy")
+    for key in sorted({k for r in evals for k in r if k.startswith("maj@")}):
+        axes[0].plot(x, [100 * r.get(key, float("nan")) for r in evals], "s--", label=key)
+    axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"{name}: accuracy per {unit}", xticks=x)
+    axes[0].legend()
+    groups = sorted({r["iteration"] for r in steps})
+    offset = 0
+    for g in groups:  # one curve segment per iteration/step, concatenated along the step axis
+        mine = [r for r in steps if r["iteration"] == g]
+        xs = [offset + r["step"] for r in mine]
+        axes[1].plot(xs, [r["logps/chosen"] for r in mine], "g-", label="chosen" if g == groups[0] else None)
+        axes[1].plot(xs, [r["logps/rejected"] for r in mine], "r-", label="rejected" if g == groups[0] else None)
+        offset = xs[-1] if xs else offset
+    axes[1].set(xlabel="optimizer step (all iterations)", ylabel="log π (summed over response)",
+                title="log-probs of chosen and rejected (Fig. 3)")
+    axes[1].legend()
+    if script == "sdpo.py":
+        axes[2].plot(x, [r["heldout/gamma_mean"] for r in evals], "o-")
+        axes[2].set(xlabel="model M_t", ylabel="mean γ on held-out pairs", xticks=x,
+                    title="mean γ_ref of the next step (sDPO Fig. 2)")
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.png")
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories of rpo.py or sdpo.py")
+    parser.add_argument("--out", default="plots", help="folder for the PNG files")
+    args = parser.parse_args(argv)
+    for folder in args.runs:
+        try:
+            for path in plot_run(folder, args.out):
+                print(path)
+        except FileNotFoundError as e:
+            sys.exit(f"{folder}: not a finished run directory ({e.filename} is missing)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""plot.py draws a PNG per run directory from metrics.jsonl and eval.json."""
+import pytest
+
+import plot
+from test_rpo import full_run  # noqa: F401
+from test_sdpo import two_steps  # noqa: F401
+
+
+def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, _ = full_run
+    cfg, _ = two_steps
+    plot.main([str(out), cfg.out, "--out", str(tmp_path)])
+    for name in (out.name, "run"):
+        png = (tmp_path / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_unfinished_run_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="not a finished run directory"):
+        plot.main([str(tmp_path)])
