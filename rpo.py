@@ -359,17 +359,17 @@ def pair_logps(model, batch):
 # Step 1: sampling, stopping once the final-answer line is complete
 
 class FinalAnswerStop:
-    """A stopping criterion: a row is done once its "Final answer: ..." line ends. Keeps each row's text,
-    extended by one decoded token per step, so a step costs one short decode per row."""
+    """A stopping criterion: a row is done once its "Final answer: ..." line ends. The row's text is decoded only
+    when its newest token holds a newline (decoding tokens one by one would lose SentencePiece's spaces)."""
 
-    def __init__(self, tokenizer, rows: int):
-        self.tokenizer, self.texts, self.done = tokenizer, [""] * rows, torch.zeros(rows, dtype=torch.bool)
+    def __init__(self, tokenizer, prompt_width: int, rows: int):
+        self.tokenizer, self.prompt_width, self.done = tokenizer, prompt_width, torch.zeros(rows, dtype=torch.bool)
 
     def __call__(self, input_ids, scores, **kwargs):
         for row, token in enumerate(input_ids[:, -1].tolist()):
-            if not self.done[row]:
-                self.texts[row] += self.tokenizer.decode([token])
-                self.done[row] = data.answer_line_end(self.texts[row]) is not None
+            if not self.done[row] and "\n" in self.tokenizer.decode([token]):
+                text = self.tokenizer.decode(input_ids[row, self.prompt_width:], skip_special_tokens=True)
+                self.done[row] = data.answer_line_end(text) is not None
         return self.done.to(input_ids.device)
 
 
@@ -400,7 +400,7 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         with torch.no_grad():
             sequences = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                        generation_config=config,
-                                       stopping_criteria=StoppingCriteriaList([FinalAnswerStop(tokenizer,
+                                       stopping_criteria=StoppingCriteriaList([FinalAnswerStop(tokenizer, width,
                                                                                               len(batch))]))
         for row, (i, j) in enumerate(batch):
             tokens = sequences[row, width:].tolist()

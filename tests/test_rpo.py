@@ -175,7 +175,7 @@ def test_pair_stage_drops_too_long_and_caps(tmp_path):
 
 def test_generation_stops_after_the_final_answer_line():
     _, tokenizer = rpo.tiny_random()
-    stop = rpo.FinalAnswerStop(tokenizer, 2)
+    stop = rpo.FinalAnswerStop(tokenizer, 0, 2)
     text = tokenizer("so 3 + 4 = 7.\nFinal answer: 7\nQuestion")["input_ids"]
     done_at = None
     for i in range(1, len(text) + 1):
