@@ -81,7 +81,7 @@ class Config:
     beta: float = opt(0.1, "β of the DPO term [0.1]")
     sft: bool = opt(False, "train with the NLL term on the winners only: the SFT-on-chosen (STaR) baseline")
     # --- optimisation
-    lr: float = opt(1e-4, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
+    lr: float = opt(5e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
     batch_size: int = opt(4, "pairs per forward pass (chosen and rejected are one concatenated batch)")
     grad_accum: int = opt(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]")
     epochs: int = opt(1, "passes over the pairs of an iteration")
