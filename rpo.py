@@ -513,7 +513,7 @@ def make_optimizer(params: list, lr: float):
     return torch.optim.AdamW(params, lr=lr)
 
 
-def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, log) -> list:
+def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, log, sft: bool = False) -> list:
     """Train the policy on the pairs with L_DPO+NLL (or plain DPO at α = 0, or SFT on chosen): one optimizer step per
     batch_size × grad_accum pairs, the loss averaged over the pairs of the step. Returns the step records."""
     model.train()
@@ -535,7 +535,7 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
             losses, chosen_rewards, rejected_rewards = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                                 lengths, cfg.beta, cfg.alpha)  # Eq. 1
             nll = length_normalized_nll(chosen, lengths)
-            if getattr(cfg, "sft", False):  # STaR baseline: NLL on the winners only (sdpo.py has no such switch)
+            if sft:  # STaR baseline: NLL on the winners only
                 losses = nll
             (losses.sum() / len(indices)).backward()
             values = {"loss": losses, "loss/dpo": dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)[0],
@@ -698,7 +698,7 @@ def run(cfg: Config) -> list:
             reference = cached(folder(t, "reference.jsonl"),                                   # reference = M_{t-1}
                                lambda: reference_logps(model, tokenizer, pairs, cfg, f"iter {t} reference"))
             seed_everything(cfg.seed, t, "train")
-            records = train(model, tokenizer, pairs, reference, cfg, t, log)                   # 4. train M_t
+            records = train(model, tokenizer, pairs, reference, cfg, t, log, cfg.sft)          # 4. train M_t
             write_jsonl(folder(t, "train_log.jsonl"), records)
             save_adapter(model, folder(t, "adapter"))
         elif not os.path.exists(folder(t, "eval.json")):

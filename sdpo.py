@@ -161,7 +161,8 @@ def run(cfg: Config) -> list:
                             lambda: rpo.reference_logps(model, tokenizer, [pairs[i] for i in pool], cfg, "M_0 γ_ref"))
         gammas = [s["chosen"] - s["rejected"] for s in scored]
     chunks = split_steps([pairs[i] for i in pool], [files[i] for i in pool], cfg.split, cfg.steps, gammas, cfg.seed)
-    evaluate(model, tokenizer, cfg, task_cfg, initial, initial, 0)
+    task = (task_cfg, *rpo.load_data(task_cfg)[1:]) if task_cfg else None  # (config, test examples, shots)
+    evaluate(model, tokenizer, cfg, task, initial, initial, 0)
     for t in range(1, cfg.steps + 1):
         if not os.path.isdir(path(f"step_{t}", "adapter")):
             if t > 1:
@@ -180,7 +181,7 @@ def run(cfg: Config) -> list:
             rpo.load_adapter(model, path(f"step_{t}", "adapter"))  # resuming: M_t is on disk
         logps = rpo.cached(path(f"step_{t}", "heldout_logps.jsonl"),
                            lambda: rpo.reference_logps(model, tokenizer, heldout, cfg, f"M_{t} held-out"))
-        evaluate(model, tokenizer, cfg, task_cfg, logps, initial, t)
+        evaluate(model, tokenizer, cfg, task, logps, initial, t)
         rpo.rebuild_metrics(cfg.out, folders)
     rows = [rpo.read_json(path(f, "eval.json")) | (rpo.read_json(path(f, "stats.json")) if f != "step_0" else {})
             for f in folders]
@@ -188,15 +189,16 @@ def run(cfg: Config) -> list:
     return rows
 
 
-def evaluate(model, tokenizer, cfg: Config, task_cfg, logps: list, initial: list, t: int) -> dict:
-    """Held-out preference metrics and, when the pairs come from an rpo.py run, its task accuracy."""
+def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t: int) -> dict:
+    """Held-out preference metrics and, when the pairs come from an rpo.py run (`task` = its config, test examples
+    and shots), its task accuracy."""
     def compute():
         result = heldout_eval(logps, initial, t)
-        if task_cfg is not None:
-            _, test, shots = rpo.load_data(task_cfg)
+        if task is not None:
+            task_cfg, test, shots = task
             rpo.seed_everything(cfg.seed, t, "eval")
-            task = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t, label="step")
-            result.update({k: v for k, v in task.items() if k not in ("iteration", "n")}, test_n=task["n"])
+            measured = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t, label="step")
+            result.update({k: v for k, v in measured.items() if k not in ("iteration", "n")}, test_n=measured["n"])
         return result
     return rpo.cached(os.path.join(cfg.out, f"step_{t}", "eval.json"), compute, jsonl=False)
 

@@ -139,7 +139,7 @@ def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path
     pairs = some_pairs()
     reference = rpo.reference_logps(model, tokenizer, pairs, cfg, "ref")
     before = mean_loss(model, tokenizer, pairs, reference, cfg)
-    records = rpo.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    records = rpo.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, sft)
     after = mean_loss(model, tokenizer, pairs, reference, cfg)
     assert len(records) == 4 * 2 and after < before - 0.05
 
