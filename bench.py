@@ -38,9 +38,9 @@ def header(title: str) -> str:
 # =================================================================================================================
 
 def bench_sample(args) -> None:
-    """Tokens per second of the loop's sampling stage (`rpo.generate`: stop after the answer line, rows sorted by
-    length) against plain `model.generate` with the same prompts, alternating; and the share of computed tokens
-    that come after the final answer."""
+    """Tokens per second of the loop's sampling stage (`rpo.generate`: one prefill per prompt shared by its
+    samples, rows leave the batch at their answer line, inverse-CDF sampling) against plain `model.generate` with
+    the same prompts, alternating; and the share of computed tokens that come after the final answer."""
     cfg = rpo.Config(model=args.model)
     model, tokenizer = rpo.load_model(cfg)
     examples = data.arith_problems(args.questions, "train", seed=1)
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("sample", help="sampling stage vs plain generate")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64, 128])
     p.add_argument("--questions", type=int, default=8, help="distinct prompts, repeated to fill a batch")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

@@ -175,14 +175,42 @@ def test_pair_stage_drops_too_long_and_caps(tmp_path):
 
 def test_generation_stops_after_the_final_answer_line():
     _, tokenizer = rpo.tiny_random()
-    stop = rpo.FinalAnswerStop(tokenizer, 0, 2)
     text = tokenizer("so 3 + 4 = 7.\nFinal answer: 7\nQuestion")["input_ids"]
-    done_at = None
-    for i in range(1, len(text) + 1):
-        done = stop(torch.tensor([text[:i], text[:i]]), None)
-        if done.all() and done_at is None:
-            done_at = i
+    done_at = next(i for i in range(1, len(text) + 1) if rpo.answer_done(tokenizer, text[:i]))
     assert tokenizer.decode(text[:done_at]).endswith("Final answer: 7\n")
+
+
+def test_sample_tokens_follows_softmax_over_temperature():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0, 3.0]]).repeat(40000, 1)  # (B, V)
+    for temperature in (0.5, 1.0, 2.0):
+        torch.manual_seed(0)
+        counts = torch.bincount(rpo.sample_tokens(logits.clone(), temperature), minlength=5) / len(logits)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        assert (counts - expected).abs().max() < 0.01, (temperature, counts, expected)
+    assert rpo.sample_tokens(logits[:2].clone(), 0.0).tolist() == [4, 4]
+
+
+def test_decode_equals_model_generate_greedy_with_early_stops():
+    """Left padding, one shared prefill for n rows, and rows leaving the batch early change no token: greedy
+    decoding equals model.generate's, row by row (float64, so batch composition cannot flip an argmax)."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = rpo.tiny_random()
+    model = model.double().eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ("1 + 1 = ?", "What is 12 - 5? Think.", "7")]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    free = rpo.decode(model, prompts, 1, 0.0, 12, eos, pad)
+    stop_token = free[0][4]  # rows that sample this token are done (a stand-in for the answer line)
+    ours = rpo.decode(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
+    for k, p in enumerate(prompts):
+        plain = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,
+                                                                  pad_token_id=pad, eos_token_id=eos))
+        row = plain[0, len(p):].tolist()
+        row = row[:row.index(eos)] if eos in row else row
+        row = row[:row.index(stop_token) + 1] if stop_token in row else row
+        assert ours[2 * k] == ours[2 * k + 1] == row, k
+    assert len(ours[0]) <= 5 and any(len(row) > len(ours[0]) for row in ours)  # rows left at different steps
 
 
 def test_encode_pair_appends_eos_and_no_double_bos():
