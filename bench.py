@@ -53,7 +53,7 @@ def bench_sample(args) -> None:
             rpo.generate(model, tokenizer, prompts, batch // len(prompts) or 1, 0.8, args.new_tokens, batch,
                          "ours", stats)
             ours.append(stats["kept"] / stats["seconds"])
-            waste_ours.append(1 - stats["kept"] / stats["computed"])
+            waste_ours.append(max(0.0, 1 - stats["kept"] / stats["computed"]))  # re-tokenising may merge
             tok_s, waste = plain_generate(model, tokenizer, prompts, batch, args.new_tokens)
             plain.append(tok_s)
             waste_plain.append(waste)

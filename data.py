@@ -91,28 +91,30 @@ STEP_TEXT = {
     "-": "Then {name} gives away {n} {item}.",
     "*": "Then the number of {item} {name} has becomes {n} times as many.",
 }
-TEST_SHARE = 5  # one expression in TEST_SHARE belongs to the test split
+TEST_EVERY = 5  # by default one expression in 5 belongs to the test split
 
 
-def _split_of(expression: str) -> str:
+def _split_of(expression: str, test_every: int = TEST_EVERY) -> str:
     # A problem's split is a function of its arithmetic alone, so the train and test splits never share a
     # problem, whatever the seed or the number of problems asked for.
     digest = hashlib.sha256(expression.encode()).digest()
-    return "test" if digest[0] % TEST_SHARE == 0 else "train"
+    return "test" if digest[0] % test_every == 0 else "train"
 
 
 def arith_problems(
-    n: int, split: str = "train", seed: int = 0, operands: int = 2, digits: int = 1, ops: str = "+-"
+    n: int, split: str = "train", seed: int = 0, operands: int = 2, digits: int = 1, ops: str = "+-",
+    test_every: int = TEST_EVERY,
 ) -> list[dict]:
     """`n` distinct arithmetic word problems of one split, the same ones for the same arguments.
 
     Knobs: `operands` numbers, each of `digits` digits, combined left to right with operations from `ops` (any
-    of "+-*"). Subtraction never takes more than there is, so every answer is a non-negative integer.
+    of "+-*"). Subtraction never takes more than there is, so every answer is a non-negative integer. One
+    expression in `test_every` (by its hash, about) belongs to the test split, the rest to the train split.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    if operands < 1 or digits < 1 or not ops or set(ops) - set(STEP_TEXT):
-        raise ValueError(f"bad arith knobs: operands={operands} digits={digits} ops={ops!r}")
+    if operands < 1 or digits < 1 or not ops or set(ops) - set(STEP_TEXT) or test_every < 2:
+        raise ValueError(f"bad arith knobs: operands={operands} digits={digits} ops={ops!r} test_every={test_every}")
     rng = random.Random(f"{seed}-{split}")
     low, high = max(1, 10 ** (digits - 1)), 10**digits - 1
     seen, problems = set(), []
@@ -128,7 +130,7 @@ def arith_problems(
             expression += f" {op} {k}"
             steps.append((op, k, total, new))
             total = new
-        if expression in seen or _split_of(expression) != split:
+        if expression in seen or _split_of(expression, test_every) != split:
             continue
         seen.add(expression)
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -141,7 +143,7 @@ def arith_problems(
                          "answer": str(total), "solution": solution})
     if len(problems) < n:
         raise ValueError(f"only {len(problems)} distinct {split} problems exist for operands={operands} "
-                         f"digits={digits} ops={ops!r}; asked for {n}")
+                         f"digits={digits} ops={ops!r} test_every={test_every}; asked for {n}")
     return problems
 
 

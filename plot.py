@@ -1,10 +1,13 @@
 """Plots of rpo.py and sdpo.py run directories, from their metrics.jsonl and eval.json files (pip install ".[plot]").
 
     python plot.py runs/demo runs/sdpo-demo --out plots
+    python plot.py --together runs/a runs/b --first 1 --out plots/a-vs-b.png
 
 For each run directory: test accuracy per iteration or step (the papers' tables), and the log-probabilities of
 chosen and rejected responses over training steps (arXiv 2404.19733v3, Fig. 3); for sDPO runs also the held-out
 mean γ per step (arXiv 2403.19270v1, Fig. 2). One PNG per figure, named after the run directory.
+With --together, one figure overlays several runs (seeds, or α = 1 / α = 0 / SFT on the same pairs): accuracy,
+chosen and rejected log-probs, and the reward margin over training steps; --first N keeps iterations 1 … N.
 """
 import argparse
 import json
@@ -62,11 +65,60 @@ def plot_run(folder: str, out: str) -> list:
     return [path]
 
 
+def plot_together(folders: list, path: str, first: int = 0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for color, folder in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], folders):
+        script, records = read_run(folder)
+        name = os.path.basename(os.path.normpath(folder))
+        keep = (lambda t: t <= first) if first else (lambda t: True)
+        evals = [r for r in records if r.get("stage") == "eval" and keep(int(r["folder"].split("_")[1]))]
+        steps = [r for r in records if "loss" in r and "step" in r and keep(r["iteration"])]
+        x = [int(r["folder"].split("_")[1]) for r in evals]
+        axes[0].plot(x, [100 * r["accuracy"] for r in evals], "o-", color=color, label=f"{name} greedy")
+        for key in sorted({k for r in evals for k in r if k.startswith("maj@")}):
+            axes[0].plot(x, [100 * r.get(key, float("nan")) for r in evals], "s--", color=color, alpha=0.6,
+                         label=f"{name} {key}")
+        xs, offset, last = [], 0, None
+        for r in steps:  # iterations (steps) concatenated along one axis
+            if r["iteration"] != last:
+                offset, last = (xs[-1] if xs else 0), r["iteration"]
+            xs.append(offset + r["step"])
+        axes[1].plot(xs, [r["logps/chosen"] for r in steps], "-", color=color, label=f"{name} chosen")
+        axes[1].plot(xs, [r["logps/rejected"] for r in steps], ":", color=color, label=f"{name} rejected")
+        axes[2].plot(xs, [r["logps/chosen"] - r["logps/rejected"] for r in steps], "-", color=color, label=name)
+    unit = "step" if script == "sdpo.py" else "iteration"
+    axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"accuracy per {unit}")
+    axes[1].set(xlabel="optimizer step", ylabel="log π (summed over response)",
+                title="chosen (solid) and rejected (dotted) log-probs (Fig. 3)")
+    axes[2].set(xlabel="optimizer step", ylabel="log π(chosen) − log π(rejected)", title="margin")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories of rpo.py or sdpo.py")
-    parser.add_argument("--out", default="plots", help="folder for the PNG files")
+    parser.add_argument("--out", default="plots", help="folder for the PNG files (with --together: the PNG file)")
+    parser.add_argument("--together", action="store_true", help="overlay the runs in one figure")
+    parser.add_argument("--first", type=int, default=0, help="with --together: iterations 1 … N only")
     args = parser.parse_args(argv)
+    if args.together:
+        try:
+            plot_together(args.runs, args.out, args.first)
+        except FileNotFoundError as e:
+            sys.exit(f"{e.filename}: missing; not a finished run directory")
+        print(args.out)
+        return
     for folder in args.runs:
         try:
             for path in plot_run(folder, args.out):

@@ -66,6 +66,7 @@ class Config:
     arith_operands: int = opt(2, "arith: numbers per problem")
     arith_digits: int = opt(1, "arith: digits per number")
     arith_ops: str = opt("+-", "arith: operations to draw from, any of '+-*'")
+    arith_test_every: int = opt(5, "arith: one arithmetic expression in this many belongs to the test split")
     # --- Iterative RPO (paper values in brackets: GSM8K / ARC-Challenge / MATH)
     iterations: int = opt(2, "T, the number of iterations [4 / 3 / 3]")
     samples: int = opt(8, "N, responses sampled per training question [30 / 30 / 20]")
@@ -94,10 +95,12 @@ class Config:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_targets: str = opt("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list")
     # --- sampling and evaluation
-    sample_batch_size: int = opt(64, "sequences sampled together (prompts × samples per prompt)")
+    sample_batch_size: int = opt(128, "sequences sampled together (prompts × samples per prompt)")
     eval_k: int = opt(4, "k of maj@k on the test split, 0 = greedy only [32]")
     eval_temperature: float = opt(0.8, "temperature of the maj@k samples [0.8]")
     seed: int = opt(0, "seed of data, sampling, LoRA init and shuffling")
+    samples_from: str = opt("", "run directory whose M_0 evaluation and iteration-1 samples this run reuses (same "
+                            "model, data, sampling and seed): ablations of the loss on identical pairs")
     out: str = opt("runs/demo", "run directory")
 
 
@@ -637,7 +640,8 @@ def load_data(cfg: Config):
     """(train examples, test examples, few-shot examples). MATH's 4 shots are the first train examples, which are
     then not trained on."""
     if cfg.task == "arith":
-        kw = dict(seed=cfg.seed, operands=cfg.arith_operands, digits=cfg.arith_digits, ops=cfg.arith_ops)
+        kw = dict(seed=cfg.seed, operands=cfg.arith_operands, digits=cfg.arith_digits, ops=cfg.arith_ops,
+                  test_every=cfg.arith_test_every)
         return data.arith_problems(cfg.n_train, "train", **kw), data.arith_problems(cfg.n_test, "test", **kw), []
     if not cfg.train_file or not cfg.test_file:
         raise data.DataError(f"--task {cfg.task} needs --train-file and --test-file (JSONL or Parquet, the "
@@ -665,6 +669,31 @@ def open_run(cfg: Config, script: str) -> None:
     elif os.path.isdir(cfg.out) and os.listdir(cfg.out):
         sys.exit(f"{cfg.out}: the directory is not empty and holds no config.json; use another --out")
     write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+
+
+# What a run's M_0 evaluation and iteration-1 samples do not depend on: only training, pairing and paths.
+TRAINING_ONLY = {"iterations", "pairs", "add_gold", "max_length", "max_pairs", "alpha", "beta", "sft", "lr",
+                 "batch_size", "grad_accum", "epochs", "max_steps", "gradient_checkpointing", "samples_from", "out"}
+
+
+def reuse_samples(cfg: Config) -> None:
+    """Copy iter_0/eval.json and iter_1/samples.jsonl from the run directory cfg.samples_from, after checking
+    that its config agrees on everything they depend on; stages this run already has are kept."""
+    source = os.path.join(cfg.samples_from, "config.json")
+    if not os.path.exists(source):
+        sys.exit(f"{source}: no such file; --samples-from takes an rpo.py run directory")
+    have, want = read_json(source), {"script": "rpo.py", **dataclasses.asdict(cfg)}
+    diff = [k for k in sorted(set(have) | set(want)) if k not in TRAINING_ONLY and have.get(k) != want.get(k)]
+    if diff:
+        sys.exit(f"{source}: its samples do not fit this run; it differs in " +
+                 ", ".join(f"{k} ({have.get(k)!r} there, {want.get(k)!r} here)" for k in diff))
+    for name in ("iter_0/eval.json", "iter_1/samples.jsonl"):
+        target = os.path.join(cfg.out, name)
+        if not os.path.exists(target):
+            if not os.path.exists(os.path.join(cfg.samples_from, name)):
+                sys.exit(f"{os.path.join(cfg.samples_from, name)}: no such file; that run has not sampled yet")
+            with open(os.path.join(cfg.samples_from, name), encoding="utf-8") as f:
+                write_atomic(target, f.read())
 
 
 def cached(path: str, compute, jsonl: bool = True):
@@ -705,6 +734,8 @@ def metrics_logger(out: str):
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     open_run(cfg, "rpo.py")
+    if cfg.samples_from:
+        reuse_samples(cfg)
     train_examples, test_examples, shots = load_data(cfg)
     folders = [f"iter_{t}" for t in range(cfg.iterations + 1)]
     rebuild_metrics(cfg.out, folders)

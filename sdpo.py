@@ -161,7 +161,8 @@ def run(cfg: Config) -> list:
                             lambda: rpo.reference_logps(model, tokenizer, [pairs[i] for i in pool], cfg, "M_0 γ_ref"))
         gammas = [s["chosen"] - s["rejected"] for s in scored]
     chunks = split_steps([pairs[i] for i in pool], [files[i] for i in pool], cfg.split, cfg.steps, gammas, cfg.seed)
-    task = (task_cfg, *rpo.load_data(task_cfg)[1:]) if task_cfg else None  # (config, test examples, shots)
+    # (config, test examples, shots, the rpo run's directory)
+    task = (task_cfg, *rpo.load_data(task_cfg)[1:], os.path.dirname(task_config)) if task_cfg else None
     evaluate(model, tokenizer, cfg, task, initial, initial, 0)
     for t in range(1, cfg.steps + 1):
         if not os.path.isdir(path(f"step_{t}", "adapter")):
@@ -195,9 +196,14 @@ def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t:
     def compute():
         result = heldout_eval(logps, initial, t)
         if task is not None:
-            task_cfg, test, shots = task
-            rpo.seed_everything(cfg.seed, t, "eval")
-            measured = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t, label="step")
+            task_cfg, test, shots, task_dir = task
+            m0 = os.path.join(task_dir, "iter_0", "eval.json")
+            if t == 0 and os.path.exists(m0) and (cfg.model, cfg.load_in_4bit) == (task_cfg.model,
+                                                                                   task_cfg.load_in_4bit):
+                measured = rpo.read_json(m0)  # M_0 on the same test split: the rpo.py run measured it already
+            else:
+                rpo.seed_everything(cfg.seed, t, "eval")
+                measured = rpo.evaluate(model, tokenizer, task_cfg, test, shots, t, label="step")
             result.update({k: v for k, v in measured.items() if k not in ("iteration", "n")}, test_n=measured["n"])
         return result
     return rpo.cached(os.path.join(cfg.out, f"step_{t}", "eval.json"), compute, jsonl=False)

@@ -16,6 +16,13 @@ def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_runs_together(full_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = full_run
+    plot.main(["--together", str(out), str(out), "--first", "1", "--out", str(tmp_path / "both.png")])
+    assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_unfinished_run_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="not a finished run directory"):
         plot.main([str(tmp_path)])

@@ -56,6 +56,19 @@ def test_whole_loop_two_iterations(full_run):
     assert not [p for p in snapshot(out) if p.endswith(".tmp")]
 
 
+def test_samples_from_reuses_m0_eval_and_samples_for_a_loss_ablation(full_run, tmp_path):
+    source, _ = full_run
+    out = tmp_path / "dpo"
+    rpo.run(tiny_config(out, iterations=1, alpha=0.0, samples_from=str(source)))
+    for name in ("iter_0/eval.json", "iter_1/samples.jsonl", "iter_1/pairs.jsonl", "iter_1/reference.jsonl"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    ours, theirs = (rpo.read_jsonl(d / "iter_1" / "train_log.jsonl") for d in (out, source))
+    assert [r["loss/nll"] for r in ours] != [r["loss/nll"] for r in theirs]  # α changed the training only
+    assert ours[0]["loss"] == pytest.approx(math.log(2))  # α = 0: plain DPO, log 2 at step 1
+    with pytest.raises(SystemExit, match="differs in seed"):
+        rpo.run(tiny_config(tmp_path / "other", seed=1, samples_from=str(source)))
+
+
 @pytest.mark.parametrize("cut", ["iter_1/samples.jsonl", "iter_1/reference.jsonl", "iter_1/adapter",
                                  "iter_1/eval.json", "iter_2/pairs.jsonl", "iter_2/eval.json"])
 def test_resume_after_any_stage_gives_the_same_files(full_run, tmp_path, cut):

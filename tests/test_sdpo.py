@@ -124,6 +124,8 @@ def test_over_rpo_pairs_measures_task_accuracy(full_run, tmp_path):
     cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl"), str(out / "iter_2" / "pairs.jsonl")], heldout=4)
     rows = sdpo.run(cfg)
     assert all("accuracy" in r and r["test_n"] == 4 for r in rows)
+    m0 = rpo.read_json(out / "iter_0" / "eval.json")  # step 0 is M_0: the rpo.py run's own measurement
+    assert rows[0]["accuracy"] == m0["accuracy"] and rows[0]["results"] == m0["results"]
 
 
 def test_bad_data_is_one_line(tmp_path):
