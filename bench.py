@@ -212,7 +212,7 @@ def bench_gpu_7b(args) -> None:
         for _ in range(args.repeats + 1):
             torch.cuda.synchronize()
             start = time.time()
-            chosen, rejected, lengths = rpo.pair_logps(model, batch)
+            chosen, rejected, lengths = rpo.pair_logps(model, batch, share_prompt=False)
             rpo.rpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), lengths, 0.1, 1.0)[0].sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

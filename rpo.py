@@ -331,31 +331,48 @@ def encode_pair(tokenizer, pair: dict, max_length: int):
 
 
 def collate(encoded: list, pad_id: int):
-    """Chosen then rejected sequences of a batch of pairs, right-padded: input_ids, attention_mask, labels (2B, T).
-    Labels are -100 on the prompt and the padding; the mask comes from lengths, never from the pad id."""
-    sequences = [(p, c) for p, c, _ in encoded] + [(p, r) for p, _, r in encoded]
-    width = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(sequences):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-        mask[i, :len(p) + len(r)] = 1
-    return ids, mask, labels
+    """A batch of pairs for `pair_logps`: the prompts left-padded (B, P), so that every prompt ends at the same
+    column, and the responses right-padded (2B, R), chosen and rejected interleaved (c_0, r_0, c_1, r_1, ...).
+    Masks come from lengths, never from the pad id."""
+    responses = [r for _, chosen, rejected in encoded for r in (chosen, rejected)]
+    width_p, width_r = max(len(p) for p, _, _ in encoded), max(map(len, responses))
+    prompt, response = (torch.full((n, w), pad_id, dtype=torch.long) for n, w in
+                        ((len(encoded), width_p), (len(responses), width_r)))
+    prompt_mask, response_mask = torch.zeros_like(prompt), torch.zeros_like(response)
+    for i, (p, _, _) in enumerate(encoded):
+        prompt[i, width_p - len(p):], prompt_mask[i, width_p - len(p):] = torch.tensor(p), 1
+    for i, r in enumerate(responses):
+        response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+    return prompt, prompt_mask, response, response_mask
 
 
-def pair_logps(model, batch):
-    """One concatenated forward for chosen and rejected: (chosen logps, rejected logps, chosen lengths), (B,)."""
-    ids, mask, labels = (t.to(model.device) for t in batch)
-    # Only positions from the one before the earliest response token on are scored: skipping the prompt's logits
-    # saves their share of the lm_head product and of the (2B, T, V) logits memory, forward and backward.
-    first = int((labels != -100).float().argmax(-1).min())
-    keep = ids.shape[1] - max(first - 1, 0)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits  # (2B, keep, V)
-    logps, lengths = sequence_logps(logits, labels[:, -keep:])  # (2B,)
-    half = ids.shape[0] // 2
-    return logps[:half], logps[half:], lengths[:half]
+def pair_logps(model, batch, share_prompt: bool = True):
+    """log π(y|x) of the chosen and rejected responses: (chosen logps, rejected logps, chosen lengths), each (B,).
+    The prompt, the same for both responses, is computed once: its keys and values (and, in training, their
+    gradients) serve both. Gradient checkpointing recomputes layers in the backward pass, which a KV cache does
+    not survive: then (share_prompt=False) prompt + response is one sequence, and only the response positions are
+    scored (`logits_to_keep`). Either way the logits are those that predict the responses' tokens."""
+    from transformers import DynamicCache
+
+    prompt, prompt_mask, response, response_mask = (t.to(model.device) for t in batch)
+    width_p, width_r = prompt.shape[1], response.shape[1]
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], -1)  # (2B, P + R)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    if share_prompt:
+        cache = DynamicCache(config=model.config)
+        first = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=position[0::2, :width_p],
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+        cache.batch_repeat_interleave(2)  # one copy of the prompt's keys and values per response
+        rest = model(input_ids=response, attention_mask=mask, position_ids=position[:, width_p:],
+                     past_key_values=cache, use_cache=True).logits  # (2B, R, V)
+        logits = torch.cat([first.repeat_interleave(2, 0), rest], 1)  # (2B, R + 1, V)
+    else:
+        ids = torch.cat([prompt.repeat_interleave(2, 0), response], -1)  # (2B, P + R)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                       logits_to_keep=width_r + 1).logits  # (2B, R + 1, V), from the prompt's last position on
+    labels = torch.cat([torch.full_like(response[:, :1], -100), response.masked_fill(response_mask == 0, -100)], -1)
+    logps, lengths = sequence_logps(logits, labels)  # (2B,), the shift by one happens inside
+    return logps[0::2], logps[1::2], lengths[0::2]
 
 
 # =================================================================================================================
@@ -565,7 +582,8 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
         sums = dict.fromkeys(METRICS, 0.0)
         for micro in batches(indices, cfg.batch_size):
             encoded = [encode_pair(tokenizer, pairs[i], cfg.max_length) for i in micro]
-            chosen, rejected, lengths = pair_logps(model, collate(encoded, tokenizer.pad_token_id))
+            chosen, rejected, lengths = pair_logps(model, collate(encoded, tokenizer.pad_token_id),
+                                                   share_prompt=not cfg.gradient_checkpointing)
             ref_chosen = torch.tensor([reference[i]["chosen"] for i in micro], device=chosen.device)
             ref_rejected = torch.tensor([reference[i]["rejected"] for i in micro], device=chosen.device)
             losses, chosen_rewards, rejected_rewards = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,

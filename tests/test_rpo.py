@@ -119,18 +119,47 @@ def test_reference_logps_equal_policy_at_step_0(tmp_path):
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_pair_logps_scores_the_responses_of_full_logits():
+def test_pair_logps_equal_each_sequence_alone_shared_prompt_or_not():
+    """A batch of pairs with prompts and responses of different lengths: each log-prob equals that of its prompt +
+    response scored alone, unpadded, whether the prompt is computed once (shared) or once per response."""
     from losses import sequence_logps
 
     model, tokenizer = rpo.tiny_random()
     pairs = some_pairs(3)
     pairs[1]["prompt"][0]["content"] += " Think carefully, please."  # prompts of different lengths
-    batch = rpo.collate([rpo.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
+    pairs[2]["rejected"] = "A much longer wrong answer, with more words.\nFinal answer: 9"
+    encoded = [rpo.encode_pair(tokenizer, p, 512) for p in pairs]
+    alone = []
     with torch.no_grad():
-        chosen, rejected, lengths = rpo.pair_logps(model, batch)
-        full = sequence_logps(model(input_ids=batch[0], attention_mask=batch[1]).logits, batch[2])
-    assert torch.allclose(torch.cat([chosen, rejected]), full[0], atol=1e-4)
-    assert torch.equal(lengths, full[1][:3])
+        for p, c, r in encoded:
+            for response in (c, r):
+                labels = torch.tensor([[-100] * len(p) + response])
+                alone.append(sequence_logps(model(input_ids=torch.tensor([p + response])).logits, labels)[0][0])
+        for share in (True, False):
+            chosen, rejected, lengths = rpo.pair_logps(model, rpo.collate(encoded, tokenizer.pad_token_id), share)
+            assert torch.allclose(chosen, torch.stack(alone[0::2]), atol=1e-4), share
+            assert torch.allclose(rejected, torch.stack(alone[1::2]), atol=1e-4), share
+            assert lengths.tolist() == [len(c) for _, c, _ in encoded]
+
+
+def test_shared_prompt_gives_the_gradients_of_separate_sequences(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = rpo.load_model(cfg)
+    pairs = some_pairs(3)
+    pairs[0]["prompt"][0]["content"] += " (a longer prompt)"
+    batch = rpo.collate([rpo.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
+    for p in model.parameters():  # B = 0 at init would give zero gradients to A: move off it
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.train()
+    grads = []
+    for share in (True, False):
+        chosen, rejected, _ = rpo.pair_logps(model, batch, share)
+        (chosen.sum() - 0.5 * rejected.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad()
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).norm() / grads[1].norm() < 1e-4
 
 
 def mean_loss(model, tokenizer, pairs, reference, cfg):
