@@ -7,7 +7,8 @@ For each run directory: test accuracy per iteration or step (the papers' tables)
 chosen and rejected responses over training steps (arXiv 2404.19733v3, Fig. 3); for sDPO runs also the held-out
 mean γ per step (arXiv 2403.19270v1, Fig. 2). One PNG per figure, named after the run directory.
 With --together, one figure overlays several runs (seeds, or α = 1 / α = 0 / SFT on the same pairs): accuracy,
-chosen and rejected log-probs, and the reward margin over training steps; --first N keeps iterations 1 … N.
+the change of the chosen and rejected log-probs since the reference (rewards / β), and their margin, over
+training steps; --first N keeps iterations 1 … N.
 """
 import argparse
 import json
@@ -17,10 +18,10 @@ import sys
 
 def read_run(folder: str):
     with open(os.path.join(folder, "config.json")) as f:
-        script = json.load(f).get("script", "rpo.py")
+        config = json.load(f)
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return script, records
+    return config, records
 
 
 def plot_run(folder: str, out: str) -> list:
@@ -29,7 +30,8 @@ def plot_run(folder: str, out: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    script, records = read_run(folder)
+    config, records = read_run(folder)
+    script = config.get("script", "rpo.py")
     name = os.path.basename(os.path.normpath(folder))
     unit = "step" if script == "sdpo.py" else "iteration"
     evals = [r for r in records if r.get("stage") == "eval"]
@@ -73,7 +75,8 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for color, folder in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], folders):
-        script, records = read_run(folder)
+        config, records = read_run(folder)
+        script, beta = config.get("script", "rpo.py"), config["beta"]
         name = os.path.basename(os.path.normpath(folder))
         keep = (lambda t: t <= first) if first else (lambda t: True)
         evals = [r for r in records if r.get("stage") == "eval" and keep(int(r["folder"].split("_")[1]))]
@@ -88,14 +91,18 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
             if r["iteration"] != last:
                 offset, last = (xs[-1] if xs else 0), r["iteration"]
             xs.append(offset + r["step"])
-        axes[1].plot(xs, [r["logps/chosen"] for r in steps], "-", color=color, label=f"{name} chosen")
-        axes[1].plot(xs, [r["logps/rejected"] for r in steps], ":", color=color, label=f"{name} rejected")
-        axes[2].plot(xs, [r["logps/chosen"] - r["logps/rejected"] for r in steps], "-", color=color, label=name)
+        # rewards / β = log π − log π_ref of the step's pairs: their change since the reference, free of the
+        # pair-to-pair spread of the raw log-probs
+        axes[1].plot(xs, [r["rewards/chosen"] / beta for r in steps], "-", color=color, label=f"{name} chosen")
+        axes[1].plot(xs, [r["rewards/rejected"] / beta for r in steps], ":", color=color, label=f"{name} rejected")
+        axes[2].plot(xs, [r["rewards/margins"] / beta for r in steps], "-", color=color, label=name)
     unit = "step" if script == "sdpo.py" else "iteration"
     axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"accuracy per {unit}")
-    axes[1].set(xlabel="optimizer step", ylabel="log π (summed over response)",
-                title="chosen (solid) and rejected (dotted) log-probs (Fig. 3)")
-    axes[2].set(xlabel="optimizer step", ylabel="log π(chosen) − log π(rejected)", title="margin")
+    for ax in axes[1:]:
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[1].set(xlabel="optimizer step", ylabel="log π − log π_ref (summed over response)",
+                title="chosen (solid), rejected (dotted) vs the reference (Fig. 3)")
+    axes[2].set(xlabel="optimizer step", ylabel="(log π − log π_ref)(chosen − rejected)", title="margin")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()

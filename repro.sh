@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${OUT:-runs/repro}
 PLOTS=${PLOTS:-plots/repro}
 # 48 of the 87 train expressions; all 120 test expressions (one in 2 belongs to the test split)
-TASK=(--arith-ops "+-*" --arith-test-every 2 --n-train 48 --n-test 120 --max-new-tokens 96)
+TASK=(--arith-ops "+-*" --arith-test-every 2 --n-train 48 --n-test 120 --max-new-tokens 96 --lr 1e-4)
 
 python rpo.py "${TASK[@]}" --iterations 3 --seed 0 --out "$OUT/rpo-seed0"                      # Table 1
 # the same first iteration (same M_0 evaluation, samples and pairs), other losses
@@ -14,8 +14,8 @@ python rpo.py "${TASK[@]}" --iterations 1 --alpha 0 --samples-from "$OUT/rpo-see
 python rpo.py "${TASK[@]}" --iterations 1 --sft --samples-from "$OUT/rpo-seed0" --out "$OUT/sft-seed0"      # STaR
 # sDPO (2 steps) against DPO on all data at once, on the pairs of the first two iterations
 PAIRS=("$OUT/rpo-seed0/iter_1/pairs.jsonl" "$OUT/rpo-seed0/iter_2/pairs.jsonl")
-python sdpo.py --data "${PAIRS[@]}" --steps 2 --out "$OUT/sdpo-2steps"                           # sDPO Table 2
-python sdpo.py --data "${PAIRS[@]}" --steps 1 --out "$OUT/sdpo-1step"
+python sdpo.py --data "${PAIRS[@]}" --lr 1e-4 --steps 2 --out "$OUT/sdpo-2steps"               # sDPO Table 2
+python sdpo.py --data "${PAIRS[@]}" --lr 1e-4 --steps 1 --out "$OUT/sdpo-1step"
 python rpo.py "${TASK[@]}" --iterations 3 --seed 1 --out "$OUT/rpo-seed1"                      # second seed
 
 python plot.py "$OUT"/rpo-seed0 "$OUT"/rpo-seed1 "$OUT"/sdpo-2steps "$OUT"/sdpo-1step --out "$PLOTS"
