@@ -8,10 +8,13 @@ chosen and rejected responses over training steps (arXiv 2404.19733v3, Fig. 3); 
 mean γ per step (arXiv 2403.19270v1, Fig. 2). One PNG per figure, named after the run directory.
 With --together, one figure overlays several runs (seeds, or α = 1 / α = 0 / SFT on the same pairs): accuracy,
 the change of the chosen and rejected log-probs since the reference (rewards / β), and their margin, over
-training steps; --first N keeps iterations 1 … N.
+training steps; --first N keeps iterations 1 … N. It also prints a table of the accuracies with, against the
+run's own M_0 on the same test questions, the questions gained and lost and an exact sign test.
 """
 import argparse
+import glob
 import json
+import math
 import os
 import sys
 
@@ -98,6 +101,7 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
         axes[2].plot(xs, [r["rewards/margins"] / beta for r in steps], "-", color=color, label=name)
     unit = "step" if script == "sdpo.py" else "iteration"
     axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"accuracy per {unit}")
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes[1:]:
         ax.axhline(0, color="grey", lw=0.5)
     axes[1].set(xlabel="optimizer step", ylabel="log π − log π_ref (summed over response)",
@@ -112,6 +116,40 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
     plt.close(fig)
 
 
+def sign_test(b: int, c: int) -> float:
+    """Two-sided exact sign test (McNemar) of b questions lost against c gained: P(as lopsided | no change)."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n) if n else 1.0
+
+
+def changes_table(folders: list, first: int = 0) -> str:
+    """Per run and iteration (step): greedy accuracy and maj@k on the test split, and the questions it got right
+    that M_0 got wrong (and the reverse), with the sign test's p: paired, so finer than the binomial error bar."""
+    rows = []
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        paths = sorted(glob.glob(os.path.join(folder, "*_[0-9]*", "eval.json")),
+                       key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[1]))
+        evals = []
+        for p in paths:
+            with open(p) as f:
+                evals.append(json.load(f))
+        start = {r["id"]: r["correct"] for r in evals[0]["results"]}
+        for path, e in zip(paths, evals):
+            t = int(os.path.basename(os.path.dirname(path)).split("_")[1])
+            if first and t > first:
+                continue
+            now = {r["id"]: r["correct"] for r in e["results"]}
+            gained = sum(now[i] and not start[i] for i in now)
+            lost = sum(start[i] and not now[i] for i in now)
+            maj = next((f"{100 * v:.1f}" for k, v in e.items() if k.startswith("maj@")), "-")
+            rows.append([name, t, len(now), f"{100 * e['accuracy']:.1f}", maj] +
+                        (["-", "-", "-"] if t == 0 else [gained, lost, f"{sign_test(lost, gained):.3f}"]))
+    head = ["run", "iteration/step", "test n", "greedy %", "maj %", "wrong→right vs 0", "right→wrong vs 0",
+            "sign test p"]
+    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head, ["---"] * len(head), *rows]])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories of rpo.py or sdpo.py")
@@ -122,6 +160,7 @@ def main(argv=None) -> None:
     if args.together:
         try:
             plot_together(args.runs, args.out, args.first)
+            print(changes_table(args.runs, args.first))
         except FileNotFoundError as e:
             sys.exit(f"{e.filename}: missing; not a finished run directory")
         print(args.out)

@@ -123,6 +123,16 @@ def test_arith_splits_disjoint_as_expressions_across_seeds():
     assert not train & test
 
 
+def test_arith_test_every_sets_the_share_of_expressions_and_keeps_splits_disjoint():
+    kw = dict(operands=2, digits=1, ops="+-*", test_every=2)
+    train, test = arith_problems(87, "train", **kw), arith_problems(120, "test", **kw)  # all 207 expressions
+    assert not {p["solution"] for p in train} & {p["solution"] for p in test}
+    with pytest.raises(ValueError, match="only 120 distinct test problems"):
+        arith_problems(121, "test", **kw)
+    with pytest.raises(ValueError, match="only 25 distinct test problems"):  # the default split: one in 5
+        arith_problems(26, "test", operands=2, digits=1, ops="+-")
+
+
 def test_arith_too_many_asked():
     with pytest.raises(ValueError, match="distinct"):
         arith_problems(1000, "train", operands=1)

@@ -16,11 +16,20 @@ def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
-def test_runs_together(full_run, tmp_path):
+def test_runs_together(full_run, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, _ = full_run
     plot.main(["--together", str(out), str(out), "--first", "1", "--out", str(tmp_path / "both.png")])
     assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
+    table = capsys.readouterr().out
+    assert table.count(f"| {out.name} | 1 | 4 |") == 2 and f"| {out.name} | 2 |" not in table
+
+
+def test_sign_test():
+    assert plot.sign_test(0, 0) == 1.0
+    assert plot.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
+    assert plot.sign_test(3, 3) == 1.0
+    assert plot.sign_test(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
 
 
 def test_unfinished_run_is_one_line(tmp_path):
