@@ -27,12 +27,46 @@ def read_run(folder: str):
     return config, records
 
 
-def plot_run(folder: str, out: str) -> list:
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=110)  # then rename: a stopped run never leaves half a PNG
+    os.replace(path + ".tmp.png", path)
+
+
+def index_of(folder_name: str) -> int:
+    return int(folder_name.split("_")[1])  # iter_3 → 3, step_2 → 2
+
+
+def step_axis(steps: list) -> list:
+    """x of each training record: the iterations' (steps') optimizer steps laid end to end."""
+    xs, offset, last = [], 0, None
+    for r in steps:
+        if r["iteration"] != last:
+            offset, last = (xs[-1] if xs else 0), r["iteration"]
+        xs.append(offset + r["step"])
+    return xs
+
+
+def accuracy_lines(ax, evals: list, prefix: str = "", maj_alpha: float = 1.0, **style) -> None:
+    """Greedy accuracy (solid) and maj@k (dashed) per iteration or step."""
+    x = [index_of(r["folder"]) for r in evals]
+    ax.plot(x, [100 * r.get("accuracy", float("nan")) for r in evals], "o-", label=f"{prefix}greedy", **style)
+    for key in sorted({k for r in evals for k in r if k.startswith("maj@")}):
+        ax.plot(x, [100 * r.get(key, float("nan")) for r in evals], "s--", alpha=maj_alpha, label=f"{prefix}{key}",
+                **style)
+
+
+def plot_run(folder: str, out: str) -> list:
+    plt = pyplot()
     config, records = read_run(folder)
     script = config.get("script", "rpo.py")
     name = os.path.basename(os.path.normpath(folder))
@@ -40,20 +74,18 @@ def plot_run(folder: str, out: str) -> list:
     evals = [r for r in records if r.get("stage") == "eval"]
     steps = [r for r in records if "loss" in r and "step" in r]
     fig, axes = plt.subplots(1, 3 if script == "sdpo.py" else 2, figsize=(15 if script == "sdpo.py" else 10, 4))
-    x = [int(r["folder"].split("_")[1]) for r in evals]
-    axes[0].plot(x, [100 * r["accuracy"] for r in evals if "accuracy" in r] or [None] * len(x), "o-", label="greedy")
-    for key in sorted({k for r in evals for k in r if k.startswith("maj@")}):
-        axes[0].plot(x, [100 * r.get(key, float("nan")) for r in evals], "s--", label=key)
+    x = [index_of(r["folder"]) for r in evals]
+    accuracy_lines(axes[0], evals)
     axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"{name}: accuracy per {unit}", xticks=x)
     axes[0].legend()
+    xs = step_axis(steps)
     groups = sorted({r["iteration"] for r in steps})
-    offset = 0
-    for g in groups:  # one curve segment per iteration/step, concatenated along the step axis
-        mine = [r for r in steps if r["iteration"] == g]
-        xs = [offset + r["step"] for r in mine]
-        axes[1].plot(xs, [r["logps/chosen"] for r in mine], "g-", label="chosen" if g == groups[0] else None)
-        axes[1].plot(xs, [r["logps/rejected"] for r in mine], "r-", label="rejected" if g == groups[0] else None)
-        offset = xs[-1] if xs else offset
+    for g in groups:  # one curve segment per iteration/step
+        mine = [(x, r) for x, r in zip(xs, steps) if r["iteration"] == g]
+        axes[1].plot([x for x, _ in mine], [r["logps/chosen"] for _, r in mine], "g-",
+                     label="chosen" if g == groups[0] else None)
+        axes[1].plot([x for x, _ in mine], [r["logps/rejected"] for _, r in mine], "r-",
+                     label="rejected" if g == groups[0] else None)
     axes[1].set(xlabel="optimizer step (all iterations)", ylabel="log π (summed over response)",
                 title="log-probs of chosen and rejected (Fig. 3)")
     axes[1].legend()
@@ -62,38 +94,24 @@ def plot_run(folder: str, out: str) -> list:
         axes[2].set(xlabel="model M_t", ylabel="mean γ on held-out pairs", xticks=x,
                     title="mean γ_ref of the next step (sDPO Fig. 2)")
     fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{name}.png")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save(fig, path)
     plt.close(fig)
     return [path]
 
 
 def plot_together(folders: list, path: str, first: int = 0) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for color, folder in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], folders):
         config, records = read_run(folder)
         script, beta = config.get("script", "rpo.py"), config["beta"]
         name = os.path.basename(os.path.normpath(folder))
         keep = (lambda t: t <= first) if first else (lambda t: True)
-        evals = [r for r in records if r.get("stage") == "eval" and keep(int(r["folder"].split("_")[1]))]
+        evals = [r for r in records if r.get("stage") == "eval" and keep(index_of(r["folder"]))]
         steps = [r for r in records if "loss" in r and "step" in r and keep(r["iteration"])]
-        x = [int(r["folder"].split("_")[1]) for r in evals]
-        axes[0].plot(x, [100 * r["accuracy"] for r in evals], "o-", color=color, label=f"{name} greedy")
-        for key in sorted({k for r in evals for k in r if k.startswith("maj@")}):
-            axes[0].plot(x, [100 * r.get(key, float("nan")) for r in evals], "s--", color=color, alpha=0.6,
-                         label=f"{name} {key}")
-        xs, offset, last = [], 0, None
-        for r in steps:  # iterations (steps) concatenated along one axis
-            if r["iteration"] != last:
-                offset, last = (xs[-1] if xs else 0), r["iteration"]
-            xs.append(offset + r["step"])
+        accuracy_lines(axes[0], evals, f"{name} ", maj_alpha=0.6, color=color)
+        xs = step_axis(steps)
         # rewards / β = log π − log π_ref of the step's pairs: their change since the reference, free of the
         # pair-to-pair spread of the raw log-probs
         axes[1].plot(xs, [r["rewards/chosen"] / beta for r in steps], "-", color=color, label=f"{name} chosen")
@@ -101,7 +119,7 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
         axes[2].plot(xs, [r["rewards/margins"] / beta for r in steps], "-", color=color, label=name)
     unit = "step" if script == "sdpo.py" else "iteration"
     axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"accuracy per {unit}")
-    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     for ax in axes[1:]:
         ax.axhline(0, color="grey", lw=0.5)
     axes[1].set(xlabel="optimizer step", ylabel="log π − log π_ref (summed over response)",
@@ -110,9 +128,7 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    save(fig, path)
     plt.close(fig)
 
 
@@ -129,14 +145,14 @@ def changes_table(folders: list, first: int = 0) -> str:
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
         paths = sorted(glob.glob(os.path.join(folder, "*_[0-9]*", "eval.json")),
-                       key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[1]))
+                       key=lambda p: index_of(os.path.basename(os.path.dirname(p))))
         evals = []
         for p in paths:
             with open(p) as f:
                 evals.append(json.load(f))
         start = {r["id"]: r["correct"] for r in evals[0]["results"]}
         for path, e in zip(paths, evals):
-            t = int(os.path.basename(os.path.dirname(path)).split("_")[1])
+            t = index_of(os.path.basename(os.path.dirname(path)))
             if first and t > first:
                 continue
             now = {r["id"]: r["correct"] for r in e["results"]}

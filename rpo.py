@@ -83,7 +83,7 @@ class Config:
     sft: bool = opt(False, "train with the NLL term on the winners only: the SFT-on-chosen (STaR) baseline")
     # --- optimisation
     lr: float = opt(5e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
-    batch_size: int = opt(4, "pairs per forward pass (chosen and rejected are one concatenated batch)")
+    batch_size: int = opt(4, "pairs per forward pass (one prompt pass, then chosen and rejected together)")
     grad_accum: int = opt(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]")
     epochs: int = opt(1, "passes over the pairs of an iteration")
     max_steps: int = opt(0, "cap on optimizer steps per iteration, 0 = none [5000 / 4000 / 5000]")
@@ -330,17 +330,25 @@ def encode_pair(tokenizer, pair: dict, max_length: int):
     return prompt, responses[0], responses[1]
 
 
+def left_pad(sequences: list, pad_id: int):
+    """Token lists → (ids, mask), each (N, max length), left-padded: every sequence ends at the last column, where
+    its next token goes. The mask comes from lengths, never from the pad id."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s):], mask[row, width - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
 def collate(encoded: list, pad_id: int):
     """A batch of pairs for `pair_logps`: the prompts left-padded (B, P), so that every prompt ends at the same
     column, and the responses right-padded (2B, R), chosen and rejected interleaved (c_0, r_0, c_1, r_1, ...).
     Masks come from lengths, never from the pad id."""
+    prompt, prompt_mask = left_pad([p for p, _, _ in encoded], pad_id)
     responses = [r for _, chosen, rejected in encoded for r in (chosen, rejected)]
-    width_p, width_r = max(len(p) for p, _, _ in encoded), max(map(len, responses))
-    prompt, response = (torch.full((n, w), pad_id, dtype=torch.long) for n, w in
-                        ((len(encoded), width_p), (len(responses), width_r)))
-    prompt_mask, response_mask = torch.zeros_like(prompt), torch.zeros_like(response)
-    for i, (p, _, _) in enumerate(encoded):
-        prompt[i, width_p - len(p):], prompt_mask[i, width_p - len(p):] = torch.tensor(p), 1
+    response = torch.full((len(responses), max(map(len, responses))), pad_id, dtype=torch.long)
+    response_mask = torch.zeros_like(response)
     for i, r in enumerate(responses):
         response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
     return prompt, prompt_mask, response, response_mask
@@ -405,12 +413,7 @@ def decode(model, prompts: list, n: int, temperature: float, max_new_tokens: int
     samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by `sample_tokens`."""
     from transformers import DynamicCache
 
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in model.generate
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
