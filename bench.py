@@ -20,7 +20,9 @@ import time
 import torch
 
 import data
-import rpo
+import lm
+from losses import rpo_loss
+from rundir import markdown_table
 
 
 def header(title: str) -> str:
@@ -38,19 +40,19 @@ def header(title: str) -> str:
 # =================================================================================================================
 
 def bench_sample(args) -> None:
-    """Tokens per second of the loop's sampling stage (`rpo.generate`: one prefill per prompt shared by its
+    """Tokens per second of the loop's sampling stage (`lm.generate`: one prefill per prompt shared by its
     samples, rows leave the batch at their answer line, inverse-CDF sampling) against plain `model.generate` with
     the same prompts, alternating; and the share of computed tokens that come after the final answer."""
-    cfg = rpo.Config(model=args.model)
-    model, tokenizer = rpo.load_model(cfg)
+    cfg = lm.Config(model=args.model)
+    model, tokenizer = lm.load_model(cfg)
     examples = data.arith_problems(args.questions, "train", seed=1)
-    prompts = [rpo.task_prompt(tokenizer, ex, []) for ex in examples]
+    prompts = [lm.task_prompt(tokenizer, ex, []) for ex in examples]
     rows = []
     for batch in args.batch:
         ours, plain, waste_ours, waste_plain = [], [], [], []
         for _ in range(args.repeats):
             stats = {}
-            rpo.generate(model, tokenizer, prompts, batch // len(prompts) or 1, 0.8, args.new_tokens, batch,
+            lm.generate(model, tokenizer, prompts, batch // len(prompts) or 1, 0.8, args.new_tokens, batch,
                          "ours", stats)
             ours.append(stats["kept"] / stats["seconds"])
             waste_ours.append(max(0.0, 1 - stats["kept"] / stats["computed"]))  # re-tokenising may merge
@@ -61,7 +63,7 @@ def bench_sample(args) -> None:
                      f"{statistics.median(ours) / statistics.median(plain):.2f}",
                      f"{100 * statistics.median(waste_plain):.0f}", f"{100 * statistics.median(waste_ours):.0f}"])
     print(header(f"Sampling, {args.model}, fp32, {args.new_tokens} new tokens, temperature 0.8"))
-    print(rpo.markdown_table(["batch", "plain generate tok/s", "rpo.generate tok/s", "ratio",
+    print(markdown_table(["batch", "plain generate tok/s", "lm.generate tok/s", "ratio",
                  "plain: % tokens after answer", "ours: % computed after answer"], rows))
     print("\ntok/s counts the tokens kept in completions (up to EOS or the end of the answer line).")
 
@@ -71,7 +73,7 @@ def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int)
     those up to the end of the answer line or EOS, the rest counts as after the answer."""
     from transformers import GenerationConfig
 
-    texts = [rpo.prompt_text(tokenizer, prompts[i % len(prompts)]) for i in range(batch)]
+    texts = [lm.prompt_text(tokenizer, prompts[i % len(prompts)]) for i in range(batch)]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
@@ -133,14 +135,14 @@ def bench_train(args) -> None:
              f"{statistics.median(memory[name]):.0f}"] for name in sides]
     print(header(f"DPO+NLL training, {args.model}, LoRA r=16 all-linear, fp32, {args.pairs} pairs, batch "
                  f"{args.batch}, one pass with its reference log-probs"))
-    print(rpo.markdown_table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"],
+    print(markdown_table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"],
                              rows))
 
 
 def train_side(args) -> None:
     """One side of `bench_train`, in this (child) process: prints [seconds, peak RSS in MiB]."""
     pairs = demo_pairs(args.pairs)
-    cfg = rpo.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5,
+    cfg = lm.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5,
                      gradient_checkpointing=args.side == "ours, gradient checkpointing")
     seconds = ours_pass(cfg, pairs) if args.side.startswith("ours") else \
         trl_pass(cfg, pairs, precompute=args.side == "TRL precomputed ref")
@@ -150,10 +152,10 @@ def train_side(args) -> None:
 
 
 def ours_pass(cfg, pairs) -> float:
-    model, tokenizer = rpo.load_model(cfg)
+    model, tokenizer = lm.load_model(cfg)
     start = time.time()
-    reference = rpo.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
-    rpo.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
+    lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
     return time.time() - start
 
 
@@ -163,7 +165,7 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    path = rpo.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
+    path = lm.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     with tempfile.TemporaryDirectory() as out:
@@ -191,29 +193,29 @@ def bench_gpu_7b(args) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench.py gpu-7b needs a CUDA GPU")
-    path = os.path.join(rpo.CACHE, "llama-2-7b-shape")
+    path = os.path.join(lm.CACHE, "llama-2-7b-shape")
     if not os.path.exists(os.path.join(path, "config.json")):
         shape = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
         with torch.device("cuda"):
             LlamaForCausalLM(shape).to(torch.bfloat16).save_pretrained(path)
-        rpo.tiny_random()[1].save_pretrained(path)  # any tokenizer: the benchmark feeds token ids
+        lm.tiny_random()[1].save_pretrained(path)  # any tokenizer: the benchmark feeds token ids
         torch.cuda.empty_cache()
-    cfg = rpo.Config(model=path, load_in_4bit=True, gradient_checkpointing=True, batch_size=1, grad_accum=1)
-    model, _ = rpo.load_model(cfg)
+    cfg = lm.Config(model=path, load_in_4bit=True, gradient_checkpointing=True, batch_size=1, grad_accum=1)
+    model, _ = lm.load_model(cfg)
     rows = [["weights (NF4) + LoRA", "-", f"{torch.cuda.memory_allocated() / 2**30:.2f}", "-"]]
-    optimizer = rpo.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5)
+    optimizer = lm.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5)
     for length in args.lengths:
         torch.cuda.reset_peak_memory_stats()
         prompt, response = [5] * 100, [7] * (length - 101)
-        batch = rpo.collate([(prompt, response + [2], [9] * len(response) + [2])], 2)
+        batch = lm.collate([(prompt, response + [2], [9] * len(response) + [2])], 2)
         model.train()
         times = []
         for _ in range(args.repeats + 1):
             torch.cuda.synchronize()
             start = time.time()
-            chosen, rejected, lengths = rpo.pair_logps(model, batch, share_prompt=False)
-            rpo.rpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), lengths, 0.1, 1.0)[0].sum().backward()
+            chosen, rejected, lengths = lm.pair_logps(model, batch, share_prompt=False)
+            rpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), lengths, 0.1, 1.0)[0].sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -236,7 +238,7 @@ def bench_gpu_7b(args) -> None:
         rows.append([f"sampling, batch {batch_size}, 128 + 256 tokens", f"{seconds:.1f}",
                      f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{batch_size * 256 / seconds:.0f}"])
     print(header("Llama-2-7B shape, NF4 + double quantisation, LoRA r=16 all-linear, gradient checkpointing"))
-    print(rpo.markdown_table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
+    print(markdown_table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
 
 
 def main(argv=None) -> None:

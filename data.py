@@ -66,14 +66,6 @@ def build_prompt(example: dict, shots: list[dict] | None = None) -> str:
     return f"{instruction}\n\nQuestion: {question_text(example)}\n\nSolution:"
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """Wrap a prompt in the tokenizer's chat template when it has one (the paper used Llama-2-70B-Chat)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
 def gold_solution(example: dict) -> str | None:
     """The gold chain of thought in the paper's answer format, for adding the gold solution to the winners."""
     if not example.get("solution"):
@@ -408,8 +400,15 @@ def answers_match(predicted: str | None, gold: str, task: str) -> bool:
     return va is not None and va == vb
 
 
-def exact_match_reward(completion: str, gold: str, task: str) -> int:
-    """r = 1 if the completion's final answer equals the gold answer after normalisation, else 0 (Sec. 2)."""
+def judge(completion: str, gold: str, task: str) -> tuple[str | None, int]:
+    """(the extracted final answer, r): r = 1 if the completion's final answer equals the gold answer after
+    normalisation, else 0 (Sec. 2). The reward of the training samples and the score of the test answers."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
-    return int(answers_match(extract_answer(completion, task), gold, task))
+    answer = extract_answer(completion, task)
+    return answer, int(answers_match(answer, gold, task))
+
+
+def exact_match_reward(completion: str, gold: str, task: str) -> int:
+    """r alone: 1 if the completion's final answer equals the gold answer after normalisation, else 0."""
+    return judge(completion, gold, task)[1]

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from losses import dpo_loss, length_normalized_nll, rpo_loss, sequence_logps
 

@@ -2,8 +2,6 @@
 import pytest
 
 import plot
-from test_rpo import full_run  # noqa: F401
-from test_sdpo import two_steps  # noqa: F401
 
 
 def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):

@@ -1,56 +1,34 @@
 """sdpo.py on a tiny random Llama: two steps end to end, the moving reference, --steps 1 = DPO, splits, resume."""
-import json
 import shutil
 
 import pytest
 import torch
+from conftest import sdpo_config as config, snapshot, write_pairs
 
-import rpo
+import lm
 import sdpo
-from test_rpo import full_run, snapshot  # noqa: F401  (full_run: pairs written by rpo.py)
-
-
-def write_pairs(path, n, offset=0):
-    with open(path, "w") as f:
-        for i in range(offset, offset + n):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
-                                "chosen": f"{i} + 2 = {i + 2}.\nFinal answer: {i + 2}",
-                                "rejected": f"It is {i + 5}."}) + "\n")
-    return str(path)
-
-
-def config(tmp_path, files, **kw):
-    base = dict(data=files, model="tiny-random", out=str(tmp_path / "run"), steps=2, heldout=4, lr=3e-3,
-                batch_size=2, grad_accum=2)
-    return sdpo.Config(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def two_steps(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdpo")
-    cfg = config(tmp, [write_pairs(tmp / "p.jsonl", 24)])
-    return cfg, sdpo.run(cfg)
+from rundir import read, seed_everything
 
 
 def logps_under(cfg, adapter, pairs):
-    model, tokenizer = rpo.load_model(cfg)
+    model, tokenizer = lm.load_model(cfg)
     if adapter:
-        rpo.load_adapter(model, adapter)
-    return rpo.reference_logps(model, tokenizer, pairs, cfg, "check")
+        lm.load_adapter(model, adapter)
+    return lm.reference_logps(model, tokenizer, pairs, cfg, "check")
 
 
 def test_two_steps_end_to_end(two_steps):
     cfg, rows = two_steps
     assert [r["step"] for r in rows] == [0, 1, 2] and [r.get("pairs") for r in rows] == [None, 10, 10]
-    metrics = rpo.read_jsonl(f"{cfg.out}/metrics.jsonl")
+    metrics = read(f"{cfg.out}/metrics.jsonl")
     assert [m["stage"] for m in metrics if "stage" in m] == ["eval", "stats", "eval", "stats", "eval"]
     assert rows[2]["heldout/gamma_mean"] > rows[0]["heldout/gamma_mean"]  # training moved the held-out margin
 
 
 def test_step_2_reference_is_the_step_1_model_not_the_base(two_steps):
     cfg, _ = two_steps
-    chunk = rpo.read_jsonl(f"{cfg.out}/step_2/pairs.jsonl")
-    stored = rpo.read_jsonl(f"{cfg.out}/step_2/reference.jsonl")
+    chunk = read(f"{cfg.out}/step_2/pairs.jsonl")
+    stored = read(f"{cfg.out}/step_2/reference.jsonl")
     under_m1 = logps_under(cfg, f"{cfg.out}/step_1/adapter", chunk)
     under_m0 = logps_under(cfg, None, chunk)
     for s, m1, m0 in zip(stored, under_m1, under_m0):
@@ -58,19 +36,19 @@ def test_step_2_reference_is_the_step_1_model_not_the_base(two_steps):
         assert s["rejected"] == pytest.approx(m1["rejected"], abs=1e-4)
         assert abs(s["chosen"] - m0["chosen"]) > 1e-2  # the classic LoRA mistake would give these
     # The mean γ_ref of step 2 is the mean γ of M_1, so it is the step-1 model that sets the bar.
-    stats = rpo.read_json(f"{cfg.out}/step_2/stats.json")
+    stats = read(f"{cfg.out}/step_2/stats.json")
     assert stats["gamma_ref_mean"] == pytest.approx(sum(m["chosen"] - m["rejected"] for m in under_m1) / 10, abs=1e-3)
 
 
 def test_one_step_is_plain_dpo_on_all_data(tmp_path):
     cfg = config(tmp_path, [write_pairs(tmp_path / "p.jsonl", 14)], steps=1)
     sdpo.run(cfg)
-    chunk = rpo.read_jsonl(f"{cfg.out}/step_1/pairs.jsonl")
+    chunk = read(f"{cfg.out}/step_1/pairs.jsonl")
     assert len(chunk) == 10
-    model, tokenizer = rpo.load_model(cfg)  # one DPO run over all the training pairs, by hand
-    reference = rpo.reference_logps(model, tokenizer, chunk, cfg, "ref")
-    rpo.seed_everything(cfg.seed, 1, "train")
-    rpo.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
+    model, tokenizer = lm.load_model(cfg)  # one DPO run over all the training pairs, by hand
+    reference = lm.reference_logps(model, tokenizer, chunk, cfg, "ref")
+    seed_everything(cfg.seed, 1, "train")
+    lm.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
     from peft import load_peft_weights
 
     saved = load_peft_weights(f"{cfg.out}/step_1/adapter")
@@ -109,7 +87,7 @@ def test_resume(two_steps, tmp_path, cut):
     cfg, _ = two_steps
     order = ["heldout.jsonl", "step_0/heldout_logps.jsonl", "step_0/eval.json"] + [
         f"step_{t}/{name}" for t in (1, 2) for name in ("pairs.jsonl", "reference.jsonl", "stats.json",
-                                                       "train_log.jsonl", "adapter", "heldout_logps.jsonl", "eval.json")]
+                                                       "adapter", "train_log.jsonl", "heldout_logps.jsonl", "eval.json")]
     stopped = tmp_path / "run"
     shutil.copytree(cfg.out, stopped)
     for name in order[order.index(cut) + 1:]:
@@ -124,7 +102,7 @@ def test_over_rpo_pairs_measures_task_accuracy(full_run, tmp_path):
     cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl"), str(out / "iter_2" / "pairs.jsonl")], heldout=4)
     rows = sdpo.run(cfg)
     assert all("accuracy" in r and r["test_n"] == 4 for r in rows)
-    m0 = rpo.read_json(out / "iter_0" / "eval.json")  # step 0 is M_0: the rpo.py run's own measurement
+    m0 = read(str(out / "iter_0" / "eval.json"))  # step 0 is M_0: the rpo.py run's own measurement
     assert rows[0]["accuracy"] == m0["accuracy"] and rows[0]["results"] == m0["results"]
 
 

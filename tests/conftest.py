@@ -1,0 +1,61 @@
+"""Fixtures shared by the test files: the tiny-random runs of both loops happen once per session."""
+import json
+import os
+
+import pytest
+
+import rpo
+import sdpo
+
+
+def tiny_config(out, **kw):
+    base = dict(model="tiny-random", out=str(out), n_train=6, n_test=4, samples_per_question=4, pairs_per_question=2,
+                max_new_tokens=12, add_gold=True, eval_k=2, batch_size=2, grad_accum=2, lr=1e-3, iterations=2,
+                sample_batch_size=8)
+    return rpo.Config(**{**base, **kw})
+
+
+def some_pairs(n=6):
+    return [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "chosen": f"{i} + 1 = {i + 1}.\nFinal "
+             f"answer: {i + 1}", "rejected": f"I think it is {i + 7}"} for i in range(n)]
+
+
+def snapshot(folder):
+    """Every file of a run directory, as bytes, by relative path."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def write_pairs(path, n, offset=0):
+    with open(path, "w") as f:
+        for i in range(offset, offset + n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
+                                "chosen": f"{i} + 2 = {i + 2}.\nFinal answer: {i + 2}",
+                                "rejected": f"It is {i + 5}."}) + "\n")
+    return str(path)
+
+
+def sdpo_config(tmp_path, files, **kw):
+    base = dict(data=files, model="tiny-random", out=str(tmp_path / "run"), steps=2, heldout=4, lr=3e-3,
+                batch_size=2, grad_accum=2)
+    return sdpo.Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """Iterative RPO, two iterations on the tiny random Llama: (run directory, summary rows)."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, rpo.run(tiny_config(out))
+
+
+@pytest.fixture(scope="session")
+def two_steps(tmp_path_factory):
+    """sDPO, two steps on 24 written pairs: (config, summary rows)."""
+    tmp = tmp_path_factory.mktemp("sdpo")
+    cfg = sdpo_config(tmp, [write_pairs(tmp / "p.jsonl", 24)])
+    return cfg, sdpo.run(cfg)

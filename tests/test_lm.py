@@ -1,0 +1,233 @@
+"""lm.py on a tiny random Llama: log-probs of pairs (shared prompt or not, gradients), the reference pass, training,
+adapters in stock PEFT, the sampler, tokenisation, 4-bit LoRA gradients; a GPU-only QLoRA run."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import some_pairs, tiny_config
+
+import lm
+import rpo
+from losses import rpo_loss, sequence_logps
+from rundir import read
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_reference_logps_equal_policy_at_step_0(tmp_path, checkpointing):
+    """The reference pass and training score pairs by the same path, so at step 0 the policy equals the reference
+    (with gradient checkpointing too, where both take the concatenated path)."""
+    cfg = tiny_config(tmp_path, gradient_checkpointing=checkpointing)
+    model, tokenizer = lm.load_model(cfg)
+    assert lm.checkpointing(model) == checkpointing
+    pairs = some_pairs()
+    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    model.train()
+    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    assert torch.allclose(chosen.detach(), torch.tensor([r["chosen"] for r in reference]), atol=1e-5)
+    assert torch.allclose(rejected.detach(), torch.tensor([r["rejected"] for r in reference]), atol=1e-5)
+    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    assert records[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # all of step 1 is before the update
+    assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # the logged loss is Eq. 1: losses.rpo_loss of the step's pairs
+    assert records[0]["loss"] == pytest.approx(math.log(2) + records[0]["loss/nll"], abs=1e-6)
+
+
+def test_pair_logps_equal_each_sequence_alone_shared_prompt_or_not():
+    """A batch of pairs with prompts and responses of different lengths: each log-prob equals that of its prompt +
+    response scored alone, unpadded, whether the prompt is computed once (shared) or once per response."""
+    model, tokenizer = lm.tiny_random()
+    pairs = some_pairs(3)
+    pairs[1]["prompt"][0]["content"] += " Think carefully, please."  # prompts of different lengths
+    pairs[2]["rejected"] = "A much longer wrong answer, with more words.\nFinal answer: 9"
+    encoded = [lm.encode_pair(tokenizer, p, 512) for p in pairs]
+    alone = []
+    with torch.no_grad():
+        for p, c, r in encoded:
+            for response in (c, r):
+                labels = torch.tensor([[-100] * len(p) + response])
+                alone.append(sequence_logps(model(input_ids=torch.tensor([p + response])).logits, labels)[0][0])
+        for share in (True, False):
+            chosen, rejected, lengths = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id), share)
+            assert torch.allclose(chosen, torch.stack(alone[0::2]), atol=1e-4), share
+            assert torch.allclose(rejected, torch.stack(alone[1::2]), atol=1e-4), share
+            assert lengths.tolist() == [len(c) for _, c, _ in encoded]
+
+
+def test_shared_prompt_gives_the_gradients_of_separate_sequences(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = lm.load_model(cfg)
+    pairs = some_pairs(3)
+    pairs[0]["prompt"][0]["content"] += " (a longer prompt)"
+    batch = lm.collate([lm.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
+    for p in model.parameters():  # B = 0 at init would give zero gradients to A: move off it
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.train()
+    grads = []
+    for share in (True, False):
+        chosen, rejected, _ = lm.pair_logps(model, batch, share)
+        (chosen.sum() - 0.5 * rejected.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad()
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).norm() / grads[1].norm() < 1e-4
+
+
+def mean_loss(model, tokenizer, pairs, reference, cfg):
+    model.eval()
+    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    with torch.no_grad():
+        chosen, rejected, lengths = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    ref_c = torch.tensor([r["chosen"] for r in reference])
+    ref_r = torch.tensor([r["rejected"] for r in reference])
+    return rpo_loss(chosen, rejected, ref_c, ref_r, lengths, cfg.beta, cfg.alpha)[0].mean().item()
+
+
+@pytest.mark.parametrize("alpha, sft", [(1.0, False), (0.0, False), (1.0, True)])
+def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path, alpha, sft):
+    from peft import PeftModel
+
+    cfg = tiny_config(tmp_path, epochs=4, lr=3e-3, alpha=alpha, sft=sft)
+    model, tokenizer = lm.load_model(cfg)
+    pairs = some_pairs()
+    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    before = mean_loss(model, tokenizer, pairs, reference, cfg)
+    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, sft,
+                       adapter=str(tmp_path / "adapter"))
+    after = mean_loss(model, tokenizer, pairs, reference, cfg)
+    assert len(records) == 4 * 2 and after < before - 0.05
+
+    base, _ = lm.tiny_random()
+    stock = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([tokenizer("Final answer: 42")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_generation_stops_after_the_final_answer_line():
+    _, tokenizer = lm.tiny_random()
+    text = tokenizer("so 3 + 4 = 7.\nFinal answer: 7\nQuestion")["input_ids"]
+    done_at = next(i for i in range(1, len(text) + 1) if lm.answer_done(tokenizer, text[:i]))
+    assert tokenizer.decode(text[:done_at]).endswith("Final answer: 7\n")
+
+
+def test_sample_tokens_follows_softmax_over_temperature_and_leaves_its_input_alone():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0, 3.0]]).repeat(40000, 1)  # (B, V)
+    kept = logits.clone()
+    for temperature in (0.5, 1.0, 2.0):
+        torch.manual_seed(0)
+        counts = torch.bincount(lm.sample_tokens(logits, temperature), minlength=5) / len(logits)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        assert (counts - expected).abs().max() < 0.01, (temperature, counts, expected)
+        assert torch.equal(logits, kept)  # the caller's logits are not changed in place
+    assert lm.sample_tokens(logits[:2], 0.0).tolist() == [4, 4]
+
+
+def test_generate_ids_equals_model_generate_greedy_with_early_stops():
+    """Left padding, one shared prefill for n rows, and rows leaving the batch early change no token: greedy
+    decoding equals model.generate's, row by row (float64, so batch composition cannot flip an argmax)."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = lm.tiny_random()
+    model = model.double().eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ("1 + 1 = ?", "What is 12 - 5? Think.", "7")]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    free = lm.generate_ids(model, prompts, 1, 0.0, 12, eos, pad)
+    stop_token = free[0][4]  # rows that sample this token are done (a stand-in for the answer line)
+    ours = lm.generate_ids(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
+    for k, p in enumerate(prompts):
+        plain = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,
+                                                                  pad_token_id=pad, eos_token_id=eos))
+        row = plain[0, len(p):].tolist()
+        row = row[:row.index(eos)] if eos in row else row
+        row = row[:row.index(stop_token) + 1] if stop_token in row else row
+        assert ours[2 * k] == ours[2 * k + 1] == row, k
+    assert len(ours[0]) <= 5 and any(len(row) > len(ours[0]) for row in ours)  # rows left at different steps
+
+
+def llama2_style_tokenizer():
+    """The tiny tokenizer made to behave as Llama-2-chat's does: the chat template writes the BOS itself, and
+    tokenising with special tokens (the default) adds one more in front."""
+    from tokenizers.processors import TemplateProcessing
+
+    _, tokenizer = lm.tiny_random()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.chat_template = ("{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+                               "{% endfor %}")
+    return tokenizer
+
+
+def test_encode_pair_appends_eos_and_writes_the_templates_bos_once():
+    tokenizer = llama2_style_tokenizer()
+    pair = some_pairs(1)[0]
+    text = lm.prompt_text(tokenizer, pair["prompt"])
+    assert text.startswith("<s>[INST]") and tokenizer(text)["input_ids"][:2] == [1, 1]  # the pitfall is live
+    prompt, chosen, rejected = lm.encode_pair(tokenizer, pair, 512)
+    assert prompt.count(tokenizer.bos_token_id) == 1 and prompt[0] == tokenizer.bos_token_id
+    assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(prompt + chosen[:-1]).endswith("[/INST]0 + 1 = 1.\nFinal answer: 1")
+    plain = lm.encode_prompt(tokenizer, "Question: 1 + 1?")  # a plain-text prompt gets the tokenizer's one BOS
+    assert plain.count(tokenizer.bos_token_id) == 1
+
+
+# --- 4-bit ------------------------------------------------------------------------------------------------------
+
+def four_bit_and_full_precision(tmp_path, monkeypatch):
+    """The tiny model in 4-bit with LoRA, and a float32 copy whose weights are the dequantised 4-bit ones, with the
+    same (non-zero) LoRA weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the pitfall and this check are CPU ones
+    cfg = tiny_config(tmp_path, load_in_4bit=True)
+    quantised, tokenizer = lm.load_model(cfg)
+    torch.manual_seed(1)
+    for name, p in quantised.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    full, _ = lm.tiny_random()
+    state = full.state_dict()
+    for name, module in quantised.base_model.model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state[name.replace(".base_layer", "") + ".weight"] = bnb.functional.dequantize_4bit(
+                module.weight.data, module.weight.quant_state)
+    full.load_state_dict(state)
+    full = get_peft_model(full, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
+    full.load_state_dict({k: v for k, v in quantised.state_dict().items() if "lora_" in k}, strict=False)
+    return quantised, full, tokenizer, cfg
+
+
+def lora_grads(model, tokenizer, cfg):
+    model.train()
+    model.zero_grad()
+    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in some_pairs(2)]
+    chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    (chosen.sum() - rejected.sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_4bit_lora_gradients_match_full_precision_after_generate(tmp_path, monkeypatch):
+    quantised, full, tokenizer, cfg = four_bit_and_full_precision(tmp_path, monkeypatch)
+    # generate() is the eval-mode no-grad forward after which bitsandbytes' CPU repack corrupts the gradients.
+    lm.generate(quantised, tokenizer, ["Question: 1 + 1?"], 2, 0.8, 4, 2, "warm-up")
+    got, want = lora_grads(quantised, tokenizer, cfg), lora_grads(full, tokenizer, cfg)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in got:
+        error = (got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12)
+        assert error < 1e-3, (name, error.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_loop_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
+    rows = rpo.run(tiny_config(tmp_path / "run", iterations=1, gradient_checkpointing=True))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["load_in_4bit"] is None and len(rows) == 2  # None = 4-bit on CUDA
+    log = read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl"))
+    assert log and all(math.isfinite(r["loss"]) for r in log)
+    assert log[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-3)
