@@ -106,21 +106,25 @@ def demo_pairs(n: int) -> list:
     return pairs
 
 
-# TRL's DPOConfig turns gradient checkpointing on by default; ours is measured both ways.
-TRAIN_SIDES = ("ours", "ours, gradient checkpointing", "TRL default ref", "TRL precomputed ref")
+# Every side runs in fp32 and with gradient checkpointing off, then on: TRL 1.16's DPOConfig defaults to bf16=True
+# (bf16 autocast on the CPU) and to gradient checkpointing, so both are passed explicitly to compare like with like.
+IMPLEMENTATIONS = ("ours", "TRL default ref", "TRL precomputed ref")
+CHECKPOINTING = ", gradient checkpointing"
+TRAIN_SIDES = tuple(name + suffix for suffix in ("", CHECKPOINTING) for name in IMPLEMENTATIONS)
 
 
 def bench_train(args) -> None:
     """Seconds per pair and peak memory of one pass over the same pairs: ours (reference pass + training) against
     TRL's DPOTrainer with loss_type=["sigmoid", "sft"], LoRA, its default reference handling, and with
-    precompute_ref_log_probs=True. Same model, pairs, batch and lengths. Each pass runs in a fresh child process
-    (so that its peak resident memory is its own), the sides alternating."""
+    precompute_ref_log_probs=True. Same model, pairs, batch, lengths and precision (fp32); each with gradient
+    checkpointing off and on. Each pass runs in a fresh child process (so that its peak resident memory is its
+    own), the sides alternating."""
     sides = list(TRAIN_SIDES)
     try:
         import trl  # noqa: F401
     except ImportError:
         print("TRL is not installed (pip install '.[bench]'): only our side is measured", file=sys.stderr)
-        sides = sides[:2]
+        sides = [s for s in sides if s.startswith("ours")]
     times, memory = {k: [] for k in sides}, {k: [] for k in sides}
     for _ in range(args.repeats):
         for name in sides:
@@ -130,22 +134,28 @@ def bench_train(args) -> None:
             seconds, peak = json.loads(result.stdout.strip().splitlines()[-1])
             times[name].append(seconds / args.pairs)
             memory[name].append(peak)
-    base = statistics.median(times.get("TRL default ref", times["ours"]))
-    rows = [[name, f"{statistics.median(times[name]):.3f}", f"{statistics.median(times[name]) / base:.2f}",
-             f"{statistics.median(memory[name]):.0f}"] for name in sides]
-    print(header(f"DPO+NLL training, {args.model}, LoRA r=16 all-linear, fp32, {args.pairs} pairs, batch "
-                 f"{args.batch}, one pass with its reference log-probs"))
-    print(markdown_table(["side", "s / pair (median)", "× TRL default", "peak RSS of the process, MiB (median)"],
-                             rows))
+    rows = []
+    for name in sides:
+        checkpointing = name.endswith(CHECKPOINTING)
+        base = times.get("TRL default ref" + (CHECKPOINTING if checkpointing else ""))
+        rows.append([name.removesuffix(CHECKPOINTING), "on" if checkpointing else "off", "fp32",
+                     f"{statistics.median(times[name]):.3f}",
+                     f"{statistics.median(times[name]) / statistics.median(base):.2f}" if base else "-",
+                     f"{statistics.median(memory[name]):.0f}"])
+    print(header(f"DPO+NLL training, {args.model}, LoRA r=16 all-linear, {args.pairs} pairs, batch {args.batch}, "
+                 f"one pass with its reference log-probs, medians of {args.repeats}"))
+    print(markdown_table(["side", "gradient checkpointing", "precision", "s / pair", "× TRL default ref, same "
+                          "checkpointing", "peak RSS of the process, MiB"], rows))
 
 
 def train_side(args) -> None:
     """One side of `bench_train`, in this (child) process: prints [seconds, peak RSS in MiB]."""
     pairs = demo_pairs(args.pairs)
+    name = args.side.removesuffix(CHECKPOINTING)
     cfg = lm.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5,
-                     gradient_checkpointing=args.side == "ours, gradient checkpointing")
-    seconds = ours_pass(cfg, pairs) if args.side.startswith("ours") else \
-        trl_pass(cfg, pairs, precompute=args.side == "TRL precomputed ref")
+                    gradient_checkpointing=args.side.endswith(CHECKPOINTING))
+    seconds = ours_pass(cfg, pairs) if name == "ours" else \
+        trl_pass(cfg, pairs, precompute=name == "TRL precomputed ref")
     import resource
 
     print(json.dumps([seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
@@ -165,14 +175,18 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    path = lm.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if cfg.model == "tiny-random":
+        model, tokenizer = lm.tiny_random()
+    else:
+        path = lm.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
+        model, tokenizer = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                            AutoTokenizer.from_pretrained(path))
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(output_dir=out, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
                            learning_rate=cfg.lr, beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
                            precompute_ref_log_probs=precompute, max_length=cfg.max_length, report_to=[],
-                           save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0)
+                           save_strategy="no", logging_steps=1000, use_cpu=True, dataloader_num_workers=0,
+                           bf16=False, gradient_checkpointing=cfg.gradient_checkpointing)
         conversational = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                            "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(conversational),

@@ -13,7 +13,6 @@ Both algorithm files import this module; it imports neither.
 """
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 import data
 from losses import dpo_loss, length_normalized_nll, sequence_logps
+from rundir import atomic, seed_everything
 
 METRICS = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected")
@@ -105,10 +105,9 @@ def embedded_smollm2() -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to float32
     model.hf_quantizer = None  # save_pretrained refuses a model that still looks GGUF-quantised
     del model.config.quantization_config
-    shutil.rmtree(target + ".tmp", ignore_errors=True)
-    model.save_pretrained(target + ".tmp")
-    tokenizer.save_pretrained(target + ".tmp")
-    os.replace(target + ".tmp", target)
+    with atomic(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -179,8 +178,6 @@ def load_model(cfg: Config):
     """M_0 with a fresh, trainable LoRA adapter (B = 0, so the model equals M_0), and the tokenizer."""
     from peft import LoraConfig, get_peft_model
 
-    from rundir import seed_everything
-
     base, tokenizer = load_base(cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -203,10 +200,8 @@ def load_adapter(model, folder: str) -> None:
 
 def save_adapter(model, folder: str) -> None:
     """The LoRA weights in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them), atomically."""
-    shutil.rmtree(folder + ".tmp", ignore_errors=True)
-    model.save_pretrained(folder + ".tmp")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(folder + ".tmp", folder)
+    with atomic(folder) as tmp:
+        model.save_pretrained(tmp)
 
 
 # =================================================================================================================

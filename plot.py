@@ -13,18 +13,15 @@ run's own M_0 on the same test questions, the questions gained and lost and an e
 """
 import argparse
 import glob
-import json
 import math
 import os
 import sys
 
+from rundir import atomic, markdown_table, read
+
 
 def read_run(folder: str):
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return config, records
+    return read(os.path.join(folder, "config.json")), read(os.path.join(folder, "metrics.jsonl"))
 
 
 def pyplot():
@@ -37,9 +34,8 @@ def pyplot():
 
 
 def save(fig, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)  # then rename: a stopped run never leaves half a PNG
-    os.replace(path + ".tmp.png", path)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def index_of(folder_name: str) -> int:
@@ -146,10 +142,7 @@ def changes_table(folders: list, first: int = 0) -> str:
         name = os.path.basename(os.path.normpath(folder))
         paths = sorted(glob.glob(os.path.join(folder, "*_[0-9]*", "eval.json")),
                        key=lambda p: index_of(os.path.basename(os.path.dirname(p))))
-        evals = []
-        for p in paths:
-            with open(p) as f:
-                evals.append(json.load(f))
+        evals = [read(p) for p in paths]
         start = {r["id"]: r["correct"] for r in evals[0]["results"]}
         for path, e in zip(paths, evals):
             t = index_of(os.path.basename(os.path.dirname(path)))
@@ -161,9 +154,8 @@ def changes_table(folders: list, first: int = 0) -> str:
             maj = next((f"{100 * v:.1f}" for k, v in e.items() if k.startswith("maj@")), "-")
             rows.append([name, t, len(now), f"{100 * e['accuracy']:.1f}", maj] +
                         (["-", "-", "-"] if t == 0 else [gained, lost, f"{sign_test(lost, gained):.3f}"]))
-    head = ["run", "iteration/step", "test n", "greedy %", "maj %", "wrong→right vs 0", "right→wrong vs 0",
-            "sign test p"]
-    return "\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head, ["---"] * len(head), *rows]])
+    return markdown_table(["run", "iteration/step", "test n", "greedy %", "maj %", "wrong→right vs 0",
+                           "right→wrong vs 0", "sign test p"], rows)
 
 
 def main(argv=None) -> None:

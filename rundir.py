@@ -8,24 +8,36 @@
 Imports only the standard library and data.py (torch where a seed is set), so plot.py can use it too.
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 from collections.abc import Callable
 
 import data
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary file, then rename: a stopped run never leaves half a file behind."""
+@contextlib.contextmanager
+def atomic(path: str):
+    """A temporary path beside `path` to write a file or a folder to, renamed to `path` once written: a stopped run
+    never leaves half of it behind. A folder already at `path` is replaced."""
+    tmp = path + ".tmp"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def write(path, value) -> None:

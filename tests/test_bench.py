@@ -1,4 +1,6 @@
 """bench.py runs at a tiny size (speed and memory are measured there, never asserted here)."""
+import pytest
+
 import bench
 
 
@@ -11,5 +13,13 @@ def test_sample_benchmark_runs(capsys):
 
 def test_train_benchmark_side_runs(capsys):
     bench.main(["train-side", "ours", "--model", "tiny-random", "--pairs", "4", "--batch", "2"])
+    seconds, peak_mib = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seconds > 0 and peak_mib > 0
+
+
+def test_train_benchmark_trl_side_runs_in_fp32_with_checkpointing(capsys):
+    pytest.importorskip("trl")
+    bench.main(["train-side", "TRL precomputed ref" + bench.CHECKPOINTING, "--model", "tiny-random", "--pairs", "4",
+                "--batch", "2"])
     seconds, peak_mib = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert seconds > 0 and peak_mib > 0

@@ -231,3 +231,34 @@ def test_qlora_loop_on_gpu(tmp_path, monkeypatch):
     log = read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl"))
     assert log and all(math.isfinite(r["loss"]) for r in log)
     assert log[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_pair_logps_agree_with_trl_on_its_own_tokens(tmp_path):
+    """TRL's DPOTrainer (precomputed reference, fp32) and `lm.pair_logps` give the same log-probs for the same token
+    ids. The tokens differ in one place, accounted for here: TRL's chosen/rejected ids of a conversational pair end
+    with what the chat template writes after the message (here "\\n"; SmolLM2: "<|im_end|>\\n"), ours with EOS."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = lm.tiny_random()
+    pairs = some_pairs(4)
+    conversational = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    config = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, precompute_ref_log_probs=True,
+                       bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True, max_length=512)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(conversational),
+                         processing_class=tokenizer)
+    rows = trainer.get_train_dataloader().dataset  # tokenised by TRL, reference log-probs added
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    encoded = []
+    for row, pair in zip(rows, pairs):
+        prompt, chosen, rejected = lm.encode_pair(tokenizer, pair, 512)
+        assert row["prompt_ids"] == prompt
+        assert row["chosen_ids"] == chosen[:-1] + newline and row["rejected_ids"] == rejected[:-1] + newline
+        encoded.append((row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]))
+    model.eval()
+    with torch.no_grad():
+        chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in rows]), atol=5e-5)
+    assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in rows]), atol=5e-5)
