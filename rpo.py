@@ -23,6 +23,8 @@ Where this code departs from the paper, and why:
   - Pairing when K exceeds the |G_w|·|G_l| distinct (winner, loser) combinations: every combination once, so fewer
     than K pairs; the paper's walk would repeat pairs. Past one lap, the walk shifts the loser index by one every
     lcm(|G_w|, |G_l|) steps so that it reaches new combinations instead of repeating the first lap.
+  - The cap on an iteration's pairs (`--max-pairs`, ~55-60k on GSM8K in the paper) keeps a seeded random sample of
+    them; the paper gives the cap, not how it was applied.
   - The first "Final answer:" of a completion is its answer (a small model may go on to invent and answer new
     questions), and sampling stops once that line is complete, so the tokens after it are neither judged nor paid
     for. When a model does not use the format, the answer falls back to "####", the last \\boxed{} and (GSM8K,

@@ -195,7 +195,8 @@ def parse_config(config_class, argv=None, presets: dict | None = None, descripti
     if given.get("config"):
         defaults.update(read_config_file(given["config"], fields))
     parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(argv)[0]
+    args = parser.parse_args(argv)  # argparse's own one-line error and exit 2 for an unknown or malformed flag
+    return config_class(**{name: getattr(args, name) for name in fields})
 
 
 def read_config_file(path: str, fields: dict) -> dict:

@@ -165,3 +165,9 @@ def test_neither_algorithm_file_imports_the_other():
     for name, other in (("rpo.py", "sdpo"), ("sdpo.py", "rpo")):
         lines = open(os.path.join(root, name)).read().splitlines()
         assert not [s for s in lines if s.startswith(("import ", "from ")) and other in s.split()], name
+
+
+def test_unknown_flag_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        rpo.main(["--sampels", "3"])
+    assert stop.value.code == 2 and "unrecognized arguments: --sampels" in capsys.readouterr().err
