@@ -3,6 +3,7 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
 
     python bench.py sample                 # the loop's sampling stage vs plain model.generate (SmolLM2-135M)
     python bench.py train                  # our DPO+NLL step vs TRL's DPOTrainer (pip install ".[bench]")
+    python bench.py reward                 # the reward on the published GSM8K, MATH-500 and ARC files
     python bench.py gpu-7b                 # Llama-2-7B-shaped random model, NF4 + LoRA r=16: memory, step, sampling
 
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
@@ -11,11 +12,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from fractions import Fraction
 
 import torch
 
@@ -200,6 +203,103 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
 
 # =================================================================================================================
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+PUBLISHED = {"gsm8k": "gsm8k/test.jsonl", "math": "math/test.jsonl", "arc": "arc/ARC-Challenge-Test.jsonl"}
+
+
+def published_answer(task: str, record: dict) -> str:
+    """The final answer as the data set's publisher wrote it, read without our loader."""
+    if task == "gsm8k":
+        return record["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+    return record["answer"] if task == "math" else record["answerKey"]
+
+
+def rewrites(gold: str, task: str, example: dict) -> list:
+    """Answers a grader must accept as equal to `gold`: other notations of the same value or choice."""
+    out = [gold, f"${gold}$", f"\\boxed{{{gold}}}", f" {gold}.", f"x = {gold}" if "=" not in gold else gold]
+    if task == "arc":
+        text = dict(example["choices"])[gold]
+        return [gold, f"({gold})", f"{gold})", f"{gold}.", f"The answer is {gold}.", f"({gold}) {text}", text]
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", gold)
+    if m:  # -\frac{a}{b}: a/b, the sign on the numerator, \dfrac, and the decimal where it is exact
+        value = Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1)
+        out += [f"{value.numerator}/{value.denominator}", f"\\frac{{{value.numerator}}}{{{value.denominator}}}",
+                f"\\dfrac{{{value.numerator}}}{{{value.denominator}}}"]
+        if 10**6 % value.denominator == 0:
+            out.append(str(float(value)))
+    if re.fullmatch(r"-?\d+", gold):
+        out += [f"{gold}.0", f"{int(gold):,}", f"{gold} \\text{{ units}}", f"{gold}^\\circ"]
+    words = re.fullmatch(r"\\text\{([A-Za-z ]+)\}", gold)
+    if words:
+        out += [words.group(1), f"\\mbox{{{words.group(1)}}}"]
+    items = gold.split(",")
+    if 1 < len(items) <= 5 and not set("([{") & set(gold) and not re.search(r"\d,(\\!)?\s*\d{3}\b", gold):
+        out.append(", ".join(reversed([i.strip() for i in items])))  # an unordered list of solutions
+    return out
+
+
+def wrong_answers(gold: str, task: str, example: dict) -> list:
+    """Answers a grader must refuse: empty, words, and other values (the gold's neighbours, other choices)."""
+    out = ["", " ", "\\text{}", "\\text{wrong}", "none", "x"]
+    if task == "arc":
+        labels = {label for label, _ in example["choices"]}
+        return out + [label for label in labels if label != gold] + \
+            [text for label, text in example["choices"] if label != gold and text.strip(" .") not in labels]
+    value = data._math_value(data.normalize_math(gold)) if task == "math" else Fraction(gold)
+    if value is not None:
+        out += [str(value + 1), str(-value) if value else "1", str(value + Fraction(1, 3))]
+    if task == "math" and "," in gold and gold[0] not in "([{":
+        out.append(gold.rsplit(",", 1)[0])  # a list with a solution missing
+    if task == "math" and gold[0] in "([" and "," in gold:
+        out.append(gold[0] + ",".join(reversed(gold[1:-1].split(","))) + gold[-1])  # a tuple out of order
+    return out
+
+
+def reward_counts(task: str, path: str) -> dict:
+    """The reward on one published file: rows, golds as published, rewrites rewarded, wrong answers rewarded."""
+    examples = data.load_examples(task, path)
+    with open(path, encoding="utf-8") as f:
+        published = [published_answer(task, json.loads(line)) for line in f if line.strip()]
+    right = [(f"So we are done.\nFinal answer: {r}", ex) for ex in examples
+             for r in rewrites(ex["answer"], task, ex)]
+    wrong = [(f"So we are done.\nFinal answer: {w}", ex) for ex in examples
+             for w in wrong_answers(ex["answer"], task, ex)]
+    start = time.perf_counter()
+    rewarded = [data.judge(c, ex["answer"], task, ex.get("choices"))[1] for c, ex in right + wrong]
+    seconds = (time.perf_counter() - start) / len(rewarded)
+    return {"rows": len(examples), "published": len(published),
+            "golds_as_published": sum(e["answer"] == p for e, p in zip(examples, published)),
+            "right": len(right), "missed": [c for (c, _), r in zip(right, rewarded) if not r],
+            "wrong": len(wrong), "fooled": [c for (c, _), r in zip(wrong, rewarded[len(right):]) if r],
+            "seconds_per_call": seconds}
+
+
+def bench_reward(args) -> None:
+    """Per published data set: rows loaded, golds equal to the published answer, equivalent rewrites rewarded, wrong
+    answers rewarded (must be 0), and the time per reward call, plus hostile completions."""
+    rows = []
+    for task in args.tasks:
+        path = os.path.join(args.data, PUBLISHED[task])
+        n = reward_counts(task, path)
+        rows.append([task, PUBLISHED[task], n["rows"], f"{n['golds_as_published']} / {n['published']}",
+                     f"{n['right'] - len(n['missed'])} / {n['right']}", f"{len(n['fooled'])} / {n['wrong']}",
+                     f"{1e6 * n['seconds_per_call']:.0f}"])
+        for c in (n["fooled"] + n["missed"])[:args.show]:
+            print(f"{task}: {'FOOLED' if c in n['fooled'] else 'missed'}: {c.splitlines()[-1]!r}", file=sys.stderr)
+    hostile = {"1 MB of text": "x " * 500_000, "a 20,000-digit number": "Final answer: " + "9" * 20_000,
+               "50,000 nested \\boxed{": "\\boxed{" * 50_000 + "1" + "}" * 50_000}
+    for name, completion in hostile.items():
+        start = time.perf_counter()
+        for task in ("gsm8k", "math", "arc"):
+            data.judge(completion, "1", task, [("A", "x"), ("B", "y")] if task == "arc" else None)
+        rows.append(["hostile", name, "-", "-", "-", "-", f"{1e6 * (time.perf_counter() - start) / 3:.0f}"])
+    print(header("The reward (data.judge) on the published data sets"))
+    print(markdown_table(["task", "file", "rows loaded", "golds equal to the published answer",
+                         "equivalent rewrites rewarded", "wrong answers rewarded", "µs per call"], rows))
+
+
+# =================================================================================================================
+
 def bench_gpu_7b(args) -> None:
     """A Llama-2-7B-shaped model (random weights: speed and memory do not depend on the values) in 4-bit NF4 with
     LoRA r=16 on all linear layers and gradient checkpointing: one training step per length, then sampling."""
@@ -274,12 +374,17 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
+    p = sub.add_parser("reward", help="the reward on the published data sets: equivalents, wrong answers, time")
+    p.add_argument("--data", default=DATA, help="the folder of the published files (default: ../shared/data)")
+    p.add_argument("--tasks", nargs="+", default=["gsm8k", "math", "arc"], choices=sorted(PUBLISHED))
+    p.add_argument("--show", type=int, default=10, help="print up to this many misses and false rewards")
     p = sub.add_parser("gpu-7b", help="7B-shaped QLoRA memory and speed on a GPU")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--sample-batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    {"sample": bench_sample, "train": bench_train, "train-side": train_side, "gpu-7b": bench_gpu_7b}[args.what](args)
+    {"sample": bench_sample, "train": bench_train, "train-side": train_side, "reward": bench_reward,
+     "gpu-7b": bench_gpu_7b}[args.what](args)
 
 
 if __name__ == "__main__":

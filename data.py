@@ -192,15 +192,27 @@ def _gsm8k(record: dict, where: str) -> dict:
 
 
 def _arc(record: dict, where: str) -> dict:
-    question = _field(record, "question", str, where)
-    choices = _field(record, "choices", dict, where)
-    labels, texts = choices.get("label"), choices.get("text")
-    if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts) or not labels:
-        raise DataError(f"{where}: 'choices' needs 'label' and 'text' lists of the same, non-zero length")
+    """ARC in either published layout: AI2's (`question.stem`, `question.choices[{text, label}]`) or Hugging Face's
+    (`question` a string, `choices` with `text` and `label` lists). Labels are letters, or digits 1-4 in some of
+    AI2's rows."""
+    question = _field(record, "question", (str, dict), where)
+    if isinstance(question, dict):  # AI2
+        stem, listed = _field(question, "stem", str, where), _field(question, "choices", list, where)
+        if not all(isinstance(c, dict) and isinstance(c.get("label"), str) and isinstance(c.get("text"), str)
+                   for c in listed):
+            raise DataError(f"{where}: each of 'question.choices' needs a 'label' and a 'text' string")
+        labels, texts = [c["label"] for c in listed], [c["text"] for c in listed]
+    else:  # Hugging Face
+        stem, choices = question, _field(record, "choices", dict, where)
+        labels, texts = choices.get("label"), choices.get("text")
+        if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts):
+            raise DataError(f"{where}: 'choices' needs 'label' and 'text' lists of the same length")
+    if not labels:
+        raise DataError(f"{where}: the question has no choices")
     key = str(_field(record, "answerKey", str, where)).strip()
     if key not in labels:
         raise DataError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
-    return {"question": question, "answer": key, "solution": None, "choices": list(zip(labels, texts))}
+    return {"question": stem, "answer": key, "solution": None, "choices": list(zip(labels, texts))}
 
 
 def _math(record: dict, where: str) -> dict:
@@ -216,8 +228,9 @@ PARSERS = {"gsm8k": _gsm8k, "arc": _arc, "math": _math}
 
 def load_examples(task: str, path: str) -> list[dict]:
     """Examples of a public task from a local file in its published format:
-    GSM8K: `question`, `answer` ending in `#### <number>`. ARC (Hugging Face layout): `question`, `choices` with
-    `text` and `label` lists, `answerKey`. MATH: `problem`, `solution` whose last \\boxed{...} is the answer.
+    GSM8K: `question`, `answer` ending in `#### <number>`. ARC: AI2's layout (`question.stem`,
+    `question.choices[{text, label}]`, `answerKey`) or Hugging Face's (`question`, `choices` with `text` and `label`
+    lists, `answerKey`). MATH: `problem`, `solution` whose last \\boxed{...} is the answer.
     """
     if task not in PARSERS:
         raise ValueError(f"no file format for task {task!r}; files are read for {sorted(PARSERS)}")
@@ -264,8 +277,9 @@ def load_preferences(path: str) -> list[dict]:
 
 FINAL_RE = re.compile(r"final answer\s*(?:is)?\s*[:：]", re.IGNORECASE)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
-# ARC labels are capital letters or digits: "B", "(B)", "B)", "answer is B" ("a" in "answer is a dog" is no label)
-LABEL_RE = re.compile(r"^\W*\(?\s*([A-Z]|\d{1,2})\s*\)?(?![A-Za-z0-9])")
+# ARC labels are capital letters or digits: "B", "(B)", "B)", "B.", "answer is B". A capital letter that starts a
+# sentence ("A mouse runs ...") is no label, nor is "a" in "answer is a dog".
+LABEL_RE = re.compile(r"^[\s*_\"'\[]*(?:\(\s*([A-Z]|\d{1,2})\s*\)|([A-Z]|\d{1,2})\s*(?:[).:,;-]|$))")
 ANSWER_IS_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?\s*([A-Z]|\d{1,2})\s*\)?(?![A-Za-z0-9])")
 
 
@@ -346,69 +360,118 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def normalize_math(answer: str) -> str:
-    """The usual string normalisation of MATH answers (after Hendrycks et al.'s `is_equiv`), before comparing."""
-    s = answer[:MAX_ANSWER_CHARS].strip().strip("$").strip()
+    """The usual string normalisation of MATH answers (after Hendrycks et al.'s `is_equiv`), before comparing.
+    A word answer keeps its word (`\text{Evelyn}` → `Evelyn`); only a unit after a number is dropped."""
+    s = answer[:MAX_ANSWER_CHARS].strip().rstrip(".").strip().strip("$").strip()
     s = s.replace("\n", "").replace("\\!", "").replace("\\left", "").replace("\\right", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("\\$", "").replace("$", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}\s*$", "", s)  # a trailing unit such as \text{ cm}
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}(?:\^\{?\d\}?)?\s*$", "", s)  # 5 \text{ cm}
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"^[a-zA-Z]\s*=", "", s)  # a leading "x ="
     s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # the multiple-choice answer (C) → C
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # .5 -> 0.5
-    if s == "0.5":
-        s = "\\frac{1}{2}"
     return s
 
 
 def _math_value(s: str) -> Fraction | None:
-    m = re.fullmatch(r"(-?)\\frac\{(\d{1,30})\}\{(\d{1,30})\}", s)
+    """The exact value of a normalised answer that is a plain number: an integer, a decimal, 1,000 with thousands
+    separators, a/b, or \frac{a}{b} with its sign in front or on the numerator."""
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d{1,30})\}\{(\d{1,30})\}", s) or re.fullmatch(r"(-?)(\d{1,30})/(\d{1,30})", s)
     if m:
         return Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1) if int(m.group(3)) else None
-    if re.fullmatch(r"-?\d{1,30}(?:,\d{3})*(?:\.\d{1,30})?", s):
+    if re.fullmatch(r"-?(?:\d{1,3}(?:,\d{3})+|\d{1,30})(?:\.\d{1,30})?", s):
         return Fraction(s.replace(",", ""))
     return None
 
 
-def _arc_label(answer: str) -> str | None:
-    found = ANSWER_IS_RE.findall(answer[:MAX_ANSWER_CHARS])
-    if found:
-        return found[-1].upper()
-    match = LABEL_RE.match(answer[:MAX_ANSWER_CHARS])
-    return match.group(1).upper() if match else None
+MAX_LIST_ITEMS = 20  # longer comma lists are compared as strings only, so a hostile answer costs no more
 
 
-def answers_match(predicted: str | None, gold: str, task: str) -> bool:
-    """Whether an extracted answer equals the gold one after the task's normalisation."""
-    if predicted is None:
-        return False
-    if task == "arc":
-        return _arc_label(predicted) == gold.strip().upper()
-    if task in NUMERIC_TASKS:
-        predicted = predicted[:MAX_ANSWER_CHARS].rsplit("=", 1)[-1]  # "Final answer: 3 + 4 = 7" -> 7
-        value, gold_value = parse_number(predicted), parse_number(gold)
-        if value is None or gold_value is None:
-            return predicted.strip() == gold.strip()
-        return value == gold_value
-    a, b = normalize_math(predicted), normalize_math(gold)
+def _math_equal(a: str, b: str) -> bool:
+    """Two normalised MATH answers are equal: the same string, or the same exact number."""
+    if not a or not b:
+        return False  # an empty answer is never right, whatever the gold normalises to
     if a == b:
         return True
     va, vb = _math_value(a), _math_value(b)
     return va is not None and va == vb
 
 
-def judge(completion: str, gold: str, task: str) -> tuple[str | None, int]:
+def _math_match(predicted: str, gold: str) -> bool:
+    a, b = normalize_math(predicted), normalize_math(gold)
+    if _math_equal(a, b):
+        return True
+    # A list of solutions without brackets ("1,-2") is unordered; tuples and intervals keep their brackets and order.
+    items_a, items_b = a.split(","), b.split(",")
+    if len(items_b) < 2 or len(items_a) != len(items_b) or len(items_b) > MAX_LIST_ITEMS or a[0] in "([{" or \
+            b[0] in "([{" or _math_value(a) is not None or _math_value(b) is not None:
+        return False
+    rest = list(items_a)
+    for item in items_b:
+        found = next((i for i, x in enumerate(rest) if _math_equal(x, item)), None)
+        if found is None:
+            return False
+        rest.pop(found)
+    return True
+
+
+def _words(text: str) -> str:
+    """A choice's text for comparing: punctuation dropped but for signs and decimal points."""
+    return " ".join(re.sub(r"[^A-Za-z0-9+\-.]+", " ", text).split()).strip(" .")
+
+
+def _arc_label(answer: str, choices: list | None = None) -> str | None:
+    """The label an ARC answer names: "answer is B", a label alone or in brackets, or, given the question's
+    choices, the text of exactly one of them (after a label in brackets, if any)."""
+    answer = answer[:MAX_ANSWER_CHARS]
+    found = ANSWER_IS_RE.findall(answer)
+    if found:
+        return found[-1].upper()
+    match = LABEL_RE.match(answer)
+    labels = [label for label, _ in choices or []]
+    if match and (not labels or (match.group(1) or match.group(2)).upper() in labels):
+        return (match.group(1) or match.group(2)).upper()  # ("13" is a choice's text where the labels are A-D)
+    for fold in (lambda t: t, str.lower):  # case first: "Rr" and "RR" are different genotypes
+        said = fold(_words(answer))
+        named = [label for label, text in choices or [] if said and fold(_words(text)) == said]
+        if len(named) == 1:
+            return named[0]
+    return None
+
+
+def answers_match(predicted: str | None, gold: str, task: str, choices: list | None = None) -> bool:
+    """Whether an extracted answer equals the gold one after the task's normalisation (ARC: given the question's
+    `choices`, the text of a choice counts as that choice)."""
+    if predicted is None:
+        return False
+    if task == "arc":
+        return _arc_label(predicted, choices) == gold.strip().upper()
+    if task in NUMERIC_TASKS:
+        predicted = predicted[:MAX_ANSWER_CHARS].rsplit("=", 1)[-1]  # "Final answer: 3 + 4 = 7" -> 7
+        value, gold_value = parse_number(predicted), parse_number(gold)
+        if value is None or gold_value is None:
+            return predicted.strip() == gold.strip()
+        return value == gold_value
+    return _math_match(predicted, gold)
+
+
+def judge(completion: str, gold: str, task: str, choices: list | None = None) -> tuple[str | None, int]:
     """(the extracted final answer, r): r = 1 if the completion's final answer equals the gold answer after
-    normalisation, else 0 (Sec. 2). The reward of the training samples and the score of the test answers."""
+    normalisation, else 0 (Sec. 2). The reward of the training samples and the score of the test answers. For ARC,
+    given the question's `choices`, the answer is the label it names (a choice's text names that choice)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     answer = extract_answer(completion, task)
-    return answer, int(answers_match(answer, gold, task))
+    if task == "arc" and answer is not None:
+        answer = _arc_label(answer, choices) or answer
+    return answer, int(answers_match(answer, gold, task, choices))
 
 
-def exact_match_reward(completion: str, gold: str, task: str) -> int:
+def exact_match_reward(completion: str, gold: str, task: str, choices: list | None = None) -> int:
     """r alone: 1 if the completion's final answer equals the gold answer after normalisation, else 0."""
-    return judge(completion, gold, task)[1]
+    return judge(completion, gold, task, choices)[1]

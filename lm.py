@@ -510,7 +510,7 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
                       f"{label} {t}: eval greedy")
     results = []
     for ex, (completion,) in zip(examples, greedy):
-        extracted, correct = data.judge(completion, ex["answer"], ex["task"])
+        extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"))
         results.append({"id": ex["id"], "completion": completion, "extracted": extracted, "gold": ex["answer"],
                         "correct": correct})
     summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results)}
@@ -518,8 +518,9 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
         votes = generate(model, tokenizer, prompts, task.eval_k, task.eval_temperature, task.max_new_tokens,
                          task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}")
         for r, ex, outs in zip(results, examples, votes):
-            vote = majority([data.extract_answer(o, ex["task"]) for o in outs], ex["task"])
-            r["majority"], r["majority_correct"] = vote, int(data.answers_match(vote, ex["answer"], ex["task"]))
+            vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"))[0] for o in outs], ex["task"])
+            r["majority"] = vote
+            r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices")))
         summary[f"maj@{task.eval_k}"] = sum(r["majority_correct"] for r in results) / len(results)
     print(f"{label} {t}: test accuracy {summary['accuracy']:.3f}" +
           (f", maj@{task.eval_k} {summary[f'maj@{task.eval_k}']:.3f}" if task.eval_k else ""), file=sys.stderr)

@@ -104,7 +104,7 @@ def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list
     records = []
     for ex, prompt, texts in zip(examples, prompts, completions):
         for n, text in enumerate(texts):
-            extracted, reward = data.judge(text, ex["answer"], ex["task"])
+            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"))
             records.append({"id": ex["id"], "n": n, "prompt": prompt, "completion": text, "extracted": extracted,
                             "reward": reward})
     return records

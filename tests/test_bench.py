@@ -1,4 +1,6 @@
 """bench.py runs at a tiny size (speed and memory are measured there, never asserted here)."""
+import os
+
 import pytest
 
 import bench
@@ -23,3 +25,18 @@ def test_train_benchmark_trl_side_runs_in_fp32_with_checkpointing(capsys):
                 "--batch", "2"])
     seconds, peak_mib = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert seconds > 0 and peak_mib > 0
+
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.parametrize("task", sorted(bench.PUBLISHED))
+def test_reward_on_the_published_file(task):
+    """Every gold loads as published; every equivalent rewrite of it is rewarded; no wrong answer is."""
+    path = os.path.join(DATA, bench.PUBLISHED[task])
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent: the published data sets sit in ../shared/data beside the project")
+    counts = bench.reward_counts(task, path)
+    assert counts["rows"] == counts["published"] == counts["golds_as_published"] > 0
+    assert counts["missed"] == [] and counts["right"] > counts["rows"]
+    assert counts["fooled"] == [] and counts["wrong"] > counts["rows"]

@@ -228,3 +228,59 @@ def test_bad_preferences(tmp_path):
     path = write(tmp_path, "q.jsonl", [{"prompt": "P", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}])
     with pytest.raises(DataError, match=r"q\.jsonl:1: the last message of 'chosen'"):
         data.load_preferences(path)
+
+
+@pytest.mark.parametrize("answer, gold, want", [
+    ("", "\\text{east}", 0),  # a word gold must not normalise to the empty string, which any empty answer matched
+    ("\\text{west}", "\\text{east}", 0),
+    ("\\boxed{\\text{odd}}", "\\text{even}", 0),
+    ("Evelyn", "\\text{Evelyn}", 1),
+    ("\\mbox{Evelyn}", "\\text{Evelyn}", 1),
+    ("(C)", "\\text{(C)}", 1),
+    ("14/3", "\\frac{14}{3}", 1),
+    ("-\\frac{35}{9}", "\\frac{-35}{9}", 1),
+    ("\\frac{35}{9}", "\\frac{-35}{9}", 0),
+    ("-2, 1", "1,-2", 1),  # solutions listed in any order
+    ("-2, 3", "1,-2", 0),
+    ("1", "1,-2", 0),
+    ("(2, 1)", "(1,2)", 0),  # a tuple keeps its order
+    ("[1, 2)", "[1,2)", 1),
+    ("1,000", "1000", 1),
+    ("0.5", "\\frac{1}{2}", 1),
+    ("0.33", "\\frac{1}{3}", 0),  # decimals equal fractions only where exact
+    ("5.4 \\text{ cents}.", "5.4", 1),
+])
+def test_math_answers_equal_in_value_never_by_accident(answer, gold, want):
+    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == want
+
+
+CHOICES = [("A", "a plant needs light"), ("B", "sunlight"), ("C", "A mouse runs from a coyote."), ("D", "13")]
+
+
+@pytest.mark.parametrize("answer, gold, want", [
+    ("A mouse runs from a coyote.", "A", 0),  # a wrong choice's text starting with "A" is that choice, not label A
+    ("A mouse runs from a coyote.", "C", 1),
+    ("a plant needs light", "A", 1),
+    ("13", "D", 1),  # a number that is a choice's text, where the labels are letters
+    ("(B) sunlight", "B", 1),
+    ("B.", "B", 1),
+    ("Sunlight", "B", 1),
+])
+def test_arc_answer_by_label_or_by_the_text_of_a_choice(answer, gold, want):
+    assert exact_match_reward(f"Final answer: {answer}", gold, "arc", CHOICES) == want
+
+
+def test_load_arc_in_ai2_layout_with_numeric_keys(tmp_path):
+    path = tmp_path / "arc.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": {"stem": "Which?", "choices": [
+        {"text": "ice", "label": "1"}, {"text": "steam", "label": "2"}, {"text": "water", "label": "3"}]},
+        "answerKey": "3"}) + "\n")
+    ex = load_examples("arc", str(path))[0]
+    assert (ex["id"], ex["question"], ex["answer"], ex["choices"]) == ("q1", "Which?", "3",
+                                                                      [("1", "ice"), ("2", "steam"), ("3", "water")])
+    assert build_prompt(ex).count("(3) water") == 1
+    assert exact_match_reward("Final answer: (3)", "3", "arc", ex["choices"]) == 1
+    assert exact_match_reward("Final answer: water", "3", "arc", ex["choices"]) == 1
+    path.write_text(json.dumps({"question": {"stem": "Which?", "choices": [{"label": "1"}]}, "answerKey": "1"}) + "\n")
+    with pytest.raises(DataError, match=r"arc\.jsonl:1: each of 'question.choices' needs a 'label' and a 'text'"):
+        load_examples("arc", str(path))
