@@ -91,7 +91,7 @@ def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int)
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id) + 1]
         text = tokenizer.decode(row, skip_special_tokens=True)
-        end = data.answer_line_end(text)
+        end = data.completion_end(text)
         kept += len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) if end else len(row)
     return kept / seconds, 1 - kept / out.numel()
 

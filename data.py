@@ -58,8 +58,8 @@ def build_prompt(example: dict, shots: list[dict] | None = None) -> str:
     task = example["task"]
     if task == "math":
         parts = [MATH_INSTRUCTION]
-        for shot in shots or []:
-            parts.append(f"Question: {shot['question']}\n\nSolution: {shot['solution']}")
+        for shot in shots or []:  # each shot ends with the "Final answer:" line the prompt asks for
+            parts.append(f"Question: {shot['question']}\n\nSolution: {gold_solution(shot)}")
         parts.append(f"Question: {example['question']}\n\nSolution:")
         return "\n\n".join(parts)
     instruction = ARC_INSTRUCTION if task == "arc" else GSM8K_INSTRUCTION
@@ -334,14 +334,18 @@ def extract_answer(completion: str, task: str) -> str | None:
 
 
 ANSWER_LINE_RE = re.compile(r"\s*\S[^\n]*\n")
+NEW_QUESTION_RE = re.compile(r"\n\s*Question\s*:")
 
 
-def answer_line_end(text: str) -> int | None:
-    """Index of the newline that ends the "Final answer: ..." line, once that line is complete, else None.
-    Sampling stops there: what a model writes after its answer is neither judged nor paid for."""
+def completion_end(text: str) -> int | None:
+    """Where a completion ends, once it has: at the newline that closes its "Final answer: ..." line, or where the
+    model starts a new "Question:" of its own (it imitates the prompt's, and MATH's shots); else None. Sampling stops
+    there: what a model writes after that is neither judged nor paid for."""
     match = FINAL_RE.search(text)
     line = ANSWER_LINE_RE.match(text, match.end()) if match else None
-    return line.end() - 1 if line else None
+    question = NEW_QUESTION_RE.search(text)
+    ends = [i for i in (line.end() - 1 if line else None, question.start() if question else None) if i is not None]
+    return min(ends) if ends else None
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -460,16 +464,19 @@ def answers_match(predicted: str | None, gold: str, task: str, choices: list | N
     return _math_match(predicted, gold)
 
 
-def judge(completion: str, gold: str, task: str, choices: list | None = None) -> tuple[str | None, int]:
+def judge(completion: str, gold: str, task: str, choices: list | None = None,
+          truncated: bool = False) -> tuple[str | None, int]:
     """(the extracted final answer, r): r = 1 if the completion's final answer equals the gold answer after
     normalisation, else 0 (Sec. 2). The reward of the training samples and the score of the test answers. For ARC,
-    given the question's `choices`, the answer is the label it names (a choice's text names that choice)."""
+    given the question's `choices`, the answer is the label it names (a choice's text names that choice).
+    A `truncated` completion, cut off at the token limit before it ended, gave no final answer: r = 0, whatever
+    its last number (it is recorded, not rewarded)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     answer = extract_answer(completion, task)
     if task == "arc" and answer is not None:
         answer = _arc_label(answer, choices) or answer
-    return answer, int(answers_match(answer, gold, task, choices))
+    return answer, int(not truncated and answers_match(answer, gold, task, choices))
 
 
 def exact_match_reward(completion: str, gold: str, task: str, choices: list | None = None) -> int:

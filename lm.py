@@ -226,10 +226,11 @@ def task_prompt(tokenizer, example: dict, shots: list | None):
 
 
 def encode_pair(tokenizer, pair: dict, max_length: int):
-    """(prompt ids, chosen ids, rejected ids), responses ending in EOS; None if either side is too long."""
+    """(prompt ids, chosen ids, rejected ids), responses ending in EOS, but for a response that was cut off at the
+    token limit (`rejected_truncated`): the model never ended it. None if either side is too long."""
     prompt = encode_prompt(tokenizer, pair["prompt"])
-    responses = [tokenizer(pair[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                 for k in ("chosen", "rejected")]
+    responses = [tokenizer(pair[k], add_special_tokens=False)["input_ids"] +
+                 ([] if pair.get(f"{k}_truncated") else [tokenizer.eos_token_id]) for k in ("chosen", "rejected")]
     if len(prompt) + max(len(r) for r in responses) > max_length:
         return None
     return prompt, responses[0], responses[1]
@@ -301,10 +302,11 @@ def checkpointing(model) -> bool:
 # The sampler: a KV-cache loop that stops each row after its final-answer line
 
 def answer_done(tokenizer, tokens: list) -> bool:
-    """A row is done once its "Final answer: ..." line ends. The row is decoded only when its newest token holds a
-    newline (decoding tokens one by one would lose SentencePiece's spaces)."""
-    return "\n" in tokenizer.decode(tokens[-1:]) and \
-        data.answer_line_end(tokenizer.decode(tokens, skip_special_tokens=True)) is not None
+    """A row is done once its "Final answer: ..." line ends or a new "Question:" starts (`data.completion_end`).
+    The row is decoded only when a token holds a newline or a colon (decoding tokens one by one would lose
+    SentencePiece's spaces)."""
+    return any(c in tokenizer.decode(tokens[-1:]) for c in "\n:") and \
+        data.completion_end(tokenizer.decode(tokens, skip_special_tokens=True)) is not None
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -359,9 +361,10 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
 
 def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_new_tokens: int, batch_size: int,
              desc: str, stats: dict | None = None) -> list:
-    """n completions (text, cut after the answer line) for each prompt (temperature 0 = greedy); prompts sorted by
+    """n completions of each prompt (temperature 0 = greedy), as (text, truncated) pairs: the text cut where it ends
+    (`data.completion_end`), and whether it was cut off at max_new_tokens before it ended. Prompts sorted by
     length, batch_size rows (prompts × n) a batch. `stats`, if given, receives the seconds and the token counts:
-    computed (sampled) and kept (in the returned texts, which end with the answer line)."""
+    computed (sampled) and kept (in the returned texts)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // n)
@@ -374,12 +377,15 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         tokens = generate_ids(model, [encoded[i] for i in batch], n, temperature, max_new_tokens,
                               tokenizer.eos_token_id, tokenizer.pad_token_id, lambda row: answer_done(tokenizer, row))
         for k, i in enumerate(batch):
-            rows = tokens[k * n:(k + 1) * n]
-            texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-            out[i] = [text[:data.answer_line_end(text) or len(text)] for text in texts]
-            new_tokens += sum(map(len, rows))
-            kept += sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in out[i]) \
-                if stats is not None else 0
+            out[i] = []
+            for row in tokens[k * n:(k + 1) * n]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                end = data.completion_end(text)
+                # A row of max_new_tokens tokens that has not ended was cut off (a row that stopped at EOS holds
+                # fewer tokens: EOS is not kept).
+                out[i].append((text[:end] if end is not None else text, end is None and len(row) == max_new_tokens))
+                new_tokens += len(row)
+                kept += len(tokenizer(out[i][-1][0], add_special_tokens=False)["input_ids"]) if stats is not None else 0
         bar.update(len(batch) * n)
         bar.set_postfix_str(f"{new_tokens / (time.time() - start):.0f} tok/s")
     bar.close()
@@ -509,16 +515,18 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
     greedy = generate(model, tokenizer, prompts, 1, 0.0, task.max_new_tokens, task.sample_batch_size,
                       f"{label} {t}: eval greedy")
     results = []
-    for ex, (completion,) in zip(examples, greedy):
-        extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"))
+    for ex, [(completion, truncated)] in zip(examples, greedy):
+        extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"), truncated)
         results.append({"id": ex["id"], "completion": completion, "extracted": extracted, "gold": ex["answer"],
-                        "correct": correct})
-    summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results)}
+                        "correct": correct, "truncated": truncated})
+    summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results),
+               "truncated": sum(r["truncated"] for r in results)}
     if task.eval_k:
         votes = generate(model, tokenizer, prompts, task.eval_k, task.eval_temperature, task.max_new_tokens,
                          task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}")
         for r, ex, outs in zip(results, examples, votes):
-            vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"))[0] for o in outs], ex["task"])
+            vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"), cut)[0]
+                             for o, cut in outs if not cut], ex["task"])  # a cut-off sample casts no vote
             r["majority"] = vote
             r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices")))
         summary[f"maj@{task.eval_k}"] = sum(r["majority_correct"] for r in results) / len(results)

@@ -26,8 +26,12 @@ Where this code departs from the paper, and why:
   - The cap on an iteration's pairs (`--max-pairs`, ~55-60k on GSM8K in the paper) keeps a seeded random sample of
     them; the paper gives the cap, not how it was applied.
   - The first "Final answer:" of a completion is its answer (a small model may go on to invent and answer new
-    questions), and sampling stops once that line is complete, so the tokens after it are neither judged nor paid
-    for. When a model does not use the format, the answer falls back to "####", the last \\boxed{} and (GSM8K,
+    questions), and sampling stops once that line is complete, or where the model starts a new "Question:" of its
+    own, so the tokens after it are neither judged nor paid for.
+  - A sample cut off at --max-new-tokens before it ended gave no final answer: its reward is 0, whatever its last
+    number (so it is never a winner), and as a loser it is scored in training without the EOS it never wrote. A
+    test answer cut off so is scored wrong the same way. The counts go to stats.json and eval.json. The paper does
+    not say how it treated such samples. When a model does not use the format, the answer falls back to "####", the last \\boxed{} and (GSM8K,
     arith) the last number (`data.extract_answer`).
   - An EOS token is appended to every response scored in training (so the model learns to stop after its answer)
     and is counted in |c_w| + |y_w|, the NLL term's length: one token more than the chain of thought and answer.
@@ -36,7 +40,10 @@ Where this code departs from the paper, and why:
   - Prompts are sent as one user message through the model's chat template when it has one (the paper used
     Llama-2-70B-Chat and does not say how it wrapped the prompt); a model without a template gets the plain text.
   - MATH's 4 fixed shots are the first 4 examples of the training file, which are then not trained on (the paper
-    says "fixed train examples", not which).
+    says "fixed train examples", not which); each shot's solution ends with the "Final answer: ..." line that
+    the prompt asks for.
+  - `--sft`, the paper's STaR baseline, trains with the NLL term alone on every correct sample of the iteration
+    once (and the gold solution with --add-gold), each normalised by its own length as in Eq. 1.
   - Optimiser: AdamW at a constant learning rate with gradient clipping at 1.0 (the paper gives neither schedule
     nor clipping); paged 8-bit AdamW from bitsandbytes on CUDA. LoRA dropout defaults to 0 so that the policy's
     log-probs equal the reference's at step 0 (loss = log 2 + α·NLL).
@@ -70,7 +77,8 @@ class Config(lm.TaskConfig, lm.Config):
                                     "one repeats [0.8 for iterations 1-2, then 1.3 / 1.3 / 1.0]")
     add_gold: bool = arg(False, "add the gold solution to the winners [GSM8K: yes]")
     max_pairs: int = arg(0, "cap on the pairs of one iteration, 0 = none [GSM8K: ~55-60k]")
-    sft: bool = arg(False, "train with the NLL term on the winners only: the SFT-on-chosen (STaR) baseline")
+    sft: bool = arg(False, "the STaR baseline: SFT (the NLL term alone) on every correct sample of the iteration "
+                    "once, instead of pairs")
     samples_from: str = arg("", "run directory whose M_0 evaluation and iteration-1 samples this run reuses (same "
                             "model, data, sampling and seed): ablations of the loss on identical pairs")
 
@@ -96,17 +104,18 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
 # Steps 1-2: sample N responses per question from M_{t-1}, reward each
 
 def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list, t: int) -> list:
-    """N responses per training question at iteration t's temperature, each with its extracted answer and reward."""
+    """N responses per training question at iteration t's temperature, each with its extracted answer, its reward,
+    and whether it was cut off at --max-new-tokens before it ended (then its reward is 0: it gave no answer)."""
     temperature = cfg.temperatures[min(t, len(cfg.temperatures)) - 1]
     prompts = [lm.task_prompt(tokenizer, ex, shots) for ex in examples]
     completions = lm.generate(model, tokenizer, prompts, cfg.samples_per_question, temperature, cfg.max_new_tokens,
                               cfg.sample_batch_size, f"iter {t}: sample (T={temperature})")
     records = []
-    for ex, prompt, texts in zip(examples, prompts, completions):
-        for n, text in enumerate(texts):
-            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"))
+    for ex, prompt, outs in zip(examples, prompts, completions):
+        for n, (text, truncated) in enumerate(outs):
+            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated)
             records.append({"id": ex["id"], "n": n, "prompt": prompt, "completion": text, "extracted": extracted,
-                            "reward": reward})
+                            "reward": reward, "truncated": truncated})
     return records
 
 
@@ -133,7 +142,9 @@ def make_pairs(winners: list, losers: list, k: int) -> list:
 
 def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
     """(stats, pairs) of iteration t: K pairs per question from its samples (plus the gold solution as a winner
-    with --add-gold), pairs longer than --max-length dropped and counted, the total capped at --max-pairs."""
+    with --add-gold), pairs longer than --max-length dropped and counted, the total capped at --max-pairs.
+    A cut-off sample is never a winner, and as a loser it gets no EOS in training. With --sft (the STaR baseline),
+    every winner once, as a pair with an empty rejected response that the NLL term never looks at."""
     by_id = {}
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
@@ -144,10 +155,11 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
         gold = data.gold_solution(ex) if cfg.add_gold else None
         if gold:
             winners.append(gold)
-        losers = [s["completion"] for s in group if not s["reward"]]
-        for chosen, rejected in make_pairs(winners, losers, cfg.pairs_per_question):
+        losers = [(s["completion"], s.get("truncated", False)) for s in group if not s["reward"]]
+        made = [(w, ("", False)) for w in winners] if cfg.sft else make_pairs(winners, losers, cfg.pairs_per_question)
+        for chosen, (rejected, truncated) in made:
             pair = {"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "prompt": group[0]["prompt"],
-                    "chosen": chosen, "rejected": rejected}
+                    "chosen": chosen, "rejected": rejected, "rejected_truncated": truncated}
             if lm.encode_pair(tokenizer, pair, cfg.max_length) is None:
                 too_long += 1
             else:
@@ -156,9 +168,12 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
         pairs = random.Random(f"{cfg.seed}-cap-{t}").sample(pairs, cfg.max_pairs)
     stats = {"questions": len(examples), "questions_with_pairs": len({p["id"] for p in pairs}),
              "pairs": len(pairs), "dropped_too_long": too_long,
-             "train_accuracy": sum(s["reward"] for s in samples) / max(1, len(samples))}
-    print(f"iter {t}: {stats['pairs']} pairs from {stats['questions_with_pairs']}/{len(examples)} questions; "
-          f"{too_long} dropped as longer than {cfg.max_length} tokens", file=sys.stderr)
+             "train_accuracy": sum(s["reward"] for s in samples) / max(1, len(samples)),
+             "samples": len(samples), "truncated": sum(s.get("truncated", False) for s in samples)}
+    print(f"iter {t}: {stats['pairs']} {'SFT examples' if cfg.sft else 'pairs'} from "
+          f"{stats['questions_with_pairs']}/{len(examples)} questions; {too_long} dropped as longer than "
+          f"{cfg.max_length} tokens; {stats['truncated']} of {len(samples)} samples cut off at "
+          f"{cfg.max_new_tokens} tokens", file=sys.stderr)
     return stats, pairs
 
 

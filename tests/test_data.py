@@ -144,10 +144,22 @@ def test_prompts_follow_the_paper():
     assert '"Final answer: ..."' in p and p.endswith("Question: What is 2+2?\n\nSolution:")
     arc = build_prompt({"task": "arc", "question": "Q?", "choices": [("A", "x"), ("B", "y")]})
     assert "(insert letter here)" in arc and "Q?\n(A) x\n(B) y\n\nSolution:" in arc
-    shots = [{"question": f"q{i}", "solution": f"s{i} \\boxed{{{i}}}"} for i in range(4)]
+    shots = [{"question": f"q{i}", "solution": f"s{i} \\boxed{{{i}}}", "answer": str(i)} for i in range(4)]
     math = build_prompt({"task": "math", "question": "last?"}, shots)
     assert math.startswith("Your task is to answer the last question below.") and "\\boxed" in math
     assert math.count("Question:") == 5 and math.endswith("Question: last?\n\nSolution:")
+    # every shot ends with the "Final answer:" line that the prompt asks for, and sampling waits for
+    assert "Solution: s0 \\boxed{0}\nFinal answer: 0\n\nQuestion: q1" in math
+
+
+@pytest.mark.parametrize("text, end", [
+    ("3 + 4 = 7.\nFinal answer: 7\nQuestion: next", len("3 + 4 = 7.\nFinal answer: 7")),
+    ("3 + 4 = 7.\nFinal answer: 7", None),  # the answer line is not complete yet
+    ("3 + 4 = 7.\n\nQuestion: Ann has 2 pens", len("3 + 4 = 7.")),  # the model starts a question of its own
+    ("so the question: is it 7?", None),
+])
+def test_a_completion_ends_after_its_answer_line_or_before_a_new_question(text, end):
+    assert data.completion_end(text) == end
 
 
 # --- loaders and bad input --------------------------------------------------------------------------------------
