@@ -426,10 +426,13 @@ def make_optimizer(params: list, lr: float):
 
 
 def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, log: Callable[[dict], None],
-          sft: bool = False, adapter: str | None = None) -> list:
+          sft: bool = False, adapter: str | None = None, checkpoint: Callable[[], float] | None = None,
+          checkpoints: int = 1) -> list:
     """Train the policy on the pairs with L_DPO+NLL (Eq. 1; plain DPO at α = 0; with `sft`, the NLL term alone:
     SFT on the chosen responses) against the stored reference log-probs: one optimizer step per
-    batch_size × grad_accum pairs, the loss averaged over the pairs of the step. Saves the adapter to the folder
+    batch_size × grad_accum pairs, the loss averaged over the pairs of the step. With `checkpoint` (a score, such
+    as accuracy on held-out questions), the policy is scored at `checkpoints` evenly spaced steps, the last one
+    included, and the best checkpoint is kept (ties go to the later one). Saves the adapter to the folder
     `adapter` when given, and returns the step records (also passed to `log` as they come)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -438,6 +441,8 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
     steps = [step for epoch in range(cfg.epochs) for step in
              batches(random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(len(pairs)), len(pairs)), per_step)]
     steps = steps[:cfg.max_steps or None]
+    marks = {round(len(steps) * (k + 1) / checkpoints) for k in range(checkpoints)} if checkpoint else set()
+    best = None  # (step, score, the trainable weights then)
     records, bar = [], tqdm(steps, desc=f"train M_{t}", unit="step")
     for step, indices in enumerate(bar, start=1):
         sums = dict.fromkeys(METRICS, 0.0)
@@ -466,6 +471,18 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
         records.append(record)
         log(record)
         bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f}")
+        if step in marks:  # the paper: "select the best checkpoint using a held-out 1k samples" (Sec. 3)
+            records.append({"iteration": t, "step": step, "heldout/accuracy": checkpoint()})
+            log(records[-1])
+            model.train()
+            if best is None or records[-1]["heldout/accuracy"] >= best[1]:
+                best = (step, records[-1]["heldout/accuracy"], [p.detach().clone() for p in params])
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
+        records.append({"iteration": t, "selected_step": best[0], "heldout/accuracy": best[1]})
+        log(records[-1])
     if adapter:
         save_adapter(model, adapter)
     return records
@@ -474,22 +491,29 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
 # =================================================================================================================
 # Tasks and evaluation
 
-def load_task(task: TaskConfig, seed: int):
-    """(train examples, test examples, few-shot examples). MATH's 4 shots are the first train examples, which are
-    then not trained on."""
+def load_task(task: TaskConfig, seed: int, heldout: int = 0):
+    """(train examples, test examples, few-shot examples, held-out train examples). MATH's 4 shots are the first
+    train examples, which are then not trained on. `heldout` training questions, a seeded random draw, are kept
+    apart (never sampled for pairs) to pick checkpoints; the train examples are the first n_train of the rest."""
     if task.task == "arith":
         kw = dict(seed=seed, operands=task.arith_operands, digits=task.arith_digits, ops=task.arith_ops,
                   test_every=task.arith_test_every)
-        return data.arith_problems(task.n_train, "train", **kw), data.arith_problems(task.n_test, "test", **kw), []
-    if not task.train_file or not task.test_file:
+        train_examples = data.arith_problems(task.n_train + heldout, "train", **kw)
+        test, shots = data.arith_problems(task.n_test, "test", **kw), []
+    elif not task.train_file or not task.test_file:
         raise data.DataError(f"--task {task.task} needs --train-file and --test-file (JSONL or Parquet, the "
                              "published format)")
-    train_examples = data.load_examples(task.task, task.train_file)
-    test = data.load_examples(task.task, task.test_file)
-    shots = []
-    if task.task == "math":
-        shots, train_examples = train_examples[:data.MATH_SHOTS], train_examples[data.MATH_SHOTS:]
-    return train_examples[:task.n_train or None], test[:task.n_test or None], shots
+    else:
+        train_examples = data.load_examples(task.task, task.train_file)
+        test = data.load_examples(task.task, task.test_file)[:task.n_test or None]
+        shots = []
+        if task.task == "math":
+            shots, train_examples = train_examples[:data.MATH_SHOTS], train_examples[data.MATH_SHOTS:]
+    if heldout and heldout >= len(train_examples):
+        raise data.DataError(f"--heldout-questions {heldout} leaves no training questions of {len(train_examples)}")
+    held = set(random.Random(f"{seed}-heldout-questions").sample(range(len(train_examples)), heldout))
+    rest = [ex for i, ex in enumerate(train_examples) if i not in held]
+    return rest[:task.n_train or None], test, shots, [train_examples[i] for i in sorted(held)]
 
 
 def majority(answers: list, task: str):
@@ -509,8 +533,9 @@ def majority(answers: list, task: str):
 
 
 def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t: int, label: str) -> dict:
-    """Greedy accuracy and maj@k (k samples at the paper's temperature 0.8) on the held-out test split, judged by
-    the same reward as the training samples (`data.judge`)."""
+    """Greedy accuracy and maj@k (k samples at the paper's temperature 0.8, none when task.eval_k is 0) on the
+    examples (the test split, or held-out training questions), judged by the training samples' reward
+    (`data.judge`)."""
     prompts = [task_prompt(tokenizer, ex, shots) for ex in examples]
     greedy = generate(model, tokenizer, prompts, 1, 0.0, task.max_new_tokens, task.sample_batch_size,
                       f"{label} {t}: eval greedy")
@@ -530,6 +555,6 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
             r["majority"] = vote
             r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices")))
         summary[f"maj@{task.eval_k}"] = sum(r["majority_correct"] for r in results) / len(results)
-    print(f"{label} {t}: test accuracy {summary['accuracy']:.3f}" +
+    print(f"{label} {t}: accuracy {summary['accuracy']:.3f}" +
           (f", maj@{task.eval_k} {summary[f'maj@{task.eval_k}']:.3f}" if task.eval_k else ""), file=sys.stderr)
     return {**summary, "results": results}

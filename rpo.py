@@ -18,8 +18,11 @@ Where this code departs from the paper, and why:
   - The reference M_{t-1} is never held in memory: since the policy starts as M_{t-1}, the reference log-probs are
     the policy's own log-probs before its first update, computed once per iteration. Disabling the adapter would
     give the *base* model, the wrong reference from iteration 2 on.
-  - No checkpoint selection: the paper trains up to 5000 steps and keeps the best checkpoint on 1k held-out
-    training questions (Sec. 3); here each iteration keeps its last checkpoint (`--epochs`, `--max-steps`).
+  - Checkpoint selection (Sec. 3: up to 5000 steps, "then select the best checkpoint using a held-out 1k samples
+    from the training set"): --heldout-questions training questions are never sampled for pairs, and the policy is
+    scored on them (greedy accuracy) at --checkpoints evenly spaced steps; the best is kept, ties going to the
+    later one, and the next iteration starts from it. The paper does not give the spacing; the presets hold out
+    1000 questions and score 10 checkpoints, the demo 10 questions and 2.
   - Pairing when K exceeds the |G_w|·|G_l| distinct (winner, loser) combinations: every combination once, so fewer
     than K pairs; the paper's walk would repeat pairs. Past one lap, the walk shifts the loser index by one every
     lcm(|G_w|, |G_l|) steps so that it reaches new combinations instead of repeating the first lap.
@@ -31,8 +34,9 @@ Where this code departs from the paper, and why:
   - A sample cut off at --max-new-tokens before it ended gave no final answer: its reward is 0, whatever its last
     number (so it is never a winner), and as a loser it is scored in training without the EOS it never wrote. A
     test answer cut off so is scored wrong the same way. The counts go to stats.json and eval.json. The paper does
-    not say how it treated such samples. When a model does not use the format, the answer falls back to "####", the last \\boxed{} and (GSM8K,
-    arith) the last number (`data.extract_answer`).
+    not say how it treated such samples.
+  - When a model does not use the "Final answer:" format, the answer falls back to "####", the last \\boxed{}
+    and (GSM8K, arith) the last number (`data.extract_answer`).
   - An EOS token is appended to every response scored in training (so the model learns to stop after its answer)
     and is counted in |c_w| + |y_w|, the NLL term's length: one token more than the chain of thought and answer.
   - The gold solution added to the winners (`--add-gold`, GSM8K) is written in the prompt's format: GSM8K's
@@ -56,7 +60,7 @@ Every file is written atomically; running the same command again resumes after t
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import data
 import lm
@@ -77,6 +81,10 @@ class Config(lm.TaskConfig, lm.Config):
                                     "one repeats [0.8 for iterations 1-2, then 1.3 / 1.3 / 1.0]")
     add_gold: bool = arg(False, "add the gold solution to the winners [GSM8K: yes]")
     max_pairs: int = arg(0, "cap on the pairs of one iteration, 0 = none [GSM8K: ~55-60k]")
+    heldout_questions: int = arg(10, "training questions held out, never sampled for pairs, to pick each iteration's "
+                                 "best checkpoint; 0 = keep the last [1000]")
+    checkpoints: int = arg(2, "evenly spaced checkpoints per iteration scored on the held-out questions, the last "
+                           "one included [5000 steps, spacing not given]")
     sft: bool = arg(False, "the STaR baseline: SFT (the NLL term alone) on every correct sample of the iteration "
                     "once, instead of pairs")
     samples_from: str = arg("", "run directory whose M_0 evaluation and iteration-1 samples this run reuses (same "
@@ -88,15 +96,16 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
                      samples_per_question=30, pairs_per_question=10, temperatures=[0.8, 0.8, 1.3, 1.3],
                      add_gold=True, max_pairs=60000, max_new_tokens=512, max_length=1024, lr=5e-6, batch_size=4,
                      grad_accum=4, max_steps=5000, gradient_checkpointing=True, eval_k=32, sample_batch_size=64,
-                     out="runs/gsm8k-7b"),
+                     heldout_questions=1000, checkpoints=10, out="runs/gsm8k-7b"),
     "arc-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="arc", n_train=0, n_test=0, iterations=3,
                    samples_per_question=30, pairs_per_question=20, temperatures=[0.8, 0.8, 1.3], max_new_tokens=512,
                    max_length=1024, lr=5e-6, batch_size=4, grad_accum=4, max_steps=4000, gradient_checkpointing=True,
-                   eval_k=32, sample_batch_size=64, out="runs/arc-7b"),
+                   eval_k=32, sample_batch_size=64, heldout_questions=1000, checkpoints=10, out="runs/arc-7b"),
     "math-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="math", n_train=0, n_test=0, iterations=3,
                     samples_per_question=20, pairs_per_question=15, temperatures=[0.8, 0.8, 1.0], max_new_tokens=768,
                     max_length=2048, lr=5e-6, batch_size=2, grad_accum=8, max_steps=5000,
-                    gradient_checkpointing=True, eval_k=32, sample_batch_size=32, out="runs/math-7b"),
+                    gradient_checkpointing=True, eval_k=32, sample_batch_size=32, heldout_questions=1000,
+                    checkpoints=10, out="runs/math-7b"),
 }
 
 
@@ -182,7 +191,8 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
 
 # What a run's M_0 evaluation and iteration-1 samples do not depend on: only training, pairing and paths.
 TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "max_pairs", "alpha", "beta", "sft",
-                 "lr", "batch_size", "grad_accum", "epochs", "max_steps", "gradient_checkpointing", "samples_from"}
+                 "lr", "batch_size", "grad_accum", "epochs", "max_steps", "gradient_checkpointing", "samples_from",
+                 "checkpoints"}
 
 
 def run(cfg: Config) -> list:
@@ -190,11 +200,14 @@ def run(cfg: Config) -> list:
     out = RunDir(cfg, "rpo.py", "iter")
     if cfg.samples_from:  # a loss ablation on the very pairs of another run
         out.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
-    train_set, test_set, shots = lm.load_task(cfg, cfg.seed)
+    train_set, test_set, shots, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
     model, tokenizer = lm.load_model(cfg)                                                    # M_0
 
     def evaluate(t):  # greedy accuracy and maj@k of M_t on the test split
         return lm.evaluate(model, tokenizer, cfg, test_set, shots, t, "iter")
+
+    def heldout_accuracy():  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
+        return lm.evaluate(model, tokenizer, replace(cfg, eval_k=0), heldout, shots, t, "held-out")["accuracy"]
 
     out.stage(0, "eval.json", lambda: evaluate(0), seed="eval")
     for t in range(1, cfg.iterations + 1):
@@ -206,8 +219,9 @@ def run(cfg: Config) -> list:
                              lambda: pair_up(tokenizer, cfg, samples, train_set, t))
         reference = out.stage(t, "reference.jsonl",                                            # π_ref = M_{t-1}, once
                               lambda: lm.reference_logps(model, tokenizer, pairs, cfg, f"iter {t}: reference"))
-        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: lm.train(                # 4. train M_t, Eq. 1
-            model, tokenizer, pairs, reference, cfg, t, out.log, cfg.sft, adapter=out.path(t, "adapter")))
+        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: lm.train(                # 4. train M_t, Eq. 1;
+            model, tokenizer, pairs, reference, cfg, t, out.log, cfg.sft, out.path(t, "adapter"),  # best checkpoint
+            heldout_accuracy if heldout else None, cfg.checkpoints))
         lm.load_adapter(model, out.path(t, "adapter"))                                         # M_t
         out.stage(t, "eval.json", lambda: evaluate(t), seed="eval")                            # 5. evaluate
     rows = summary_rows(out, cfg)
@@ -219,10 +233,12 @@ def summary_rows(out: RunDir, cfg: Config) -> list:
     rows = []
     for t in range(cfg.iterations + 1):
         stats = read(out.path(t, "stats.json")) if t else {}
+        selected = [r for r in read(out.path(t, "train_log.jsonl")) if "selected_step" in r] if t else []
         result = read(out.path(t, "eval.json"))
         rows.append({"iteration": t, "questions": stats.get("questions_with_pairs"), "pairs": stats.get("pairs"),
                      "train_accuracy": stats.get("train_accuracy"), "test_accuracy": result["accuracy"],
-                     "majority": result.get(f"maj@{cfg.eval_k}")})
+                     "majority": result.get(f"maj@{cfg.eval_k}"),
+                     "checkpoint": selected[0] if selected else None})
     return rows
 
 
@@ -230,10 +246,14 @@ def format_table(rows: list, cfg: Config) -> str:
     def cell(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}" if pct else str(v))
 
-    head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "test acc %", f"maj@{cfg.eval_k} %"]
+    def checkpoint(c):
+        return "-" if c is None else f"step {c['selected_step']} ({100 * c['heldout/accuracy']:.1f})"
+
+    head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "checkpoint (held-out acc %)",
+            "test acc %", f"maj@{cfg.eval_k} %"]
     return markdown_table(head, [[r["iteration"], cell(r["questions"]), cell(r["pairs"]),
-                                  cell(r["train_accuracy"], True), cell(r["test_accuracy"], True),
-                                  cell(r["majority"], True)] for r in rows])
+                                  cell(r["train_accuracy"], True), checkpoint(r["checkpoint"]),
+                                  cell(r["test_accuracy"], True), cell(r["majority"], True)] for r in rows])
 
 
 def main(argv=None) -> None:

@@ -120,7 +120,8 @@ def rpo_task(cfg: Config):
         if os.path.exists(path) and read(path).get("script") == "rpo.py":
             config = read(path)
             task = lm.TaskConfig(**{f.name: config[f.name] for f in fields(lm.TaskConfig)})
-            return (config, task, *lm.load_task(task, config["seed"])[1:], os.path.dirname(path))
+            test, shots = lm.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
+            return config, task, test, shots, os.path.dirname(path)
     return None
 
 

@@ -262,3 +262,27 @@ def test_pair_logps_agree_with_trl_on_its_own_tokens(tmp_path):
         chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
     assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in rows]), atol=5e-5)
     assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in rows]), atol=5e-5)
+
+
+def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=4, lr=3e-3)  # 4 epochs × 2 steps
+    model, tokenizer = lm.load_model(cfg)
+    pairs = some_pairs()
+    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    scores, seen = iter([0.2, 0.5, 0.5, 0.1]), []
+
+    def checkpoint():
+        seen.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+        return next(scores)
+
+    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, checkpoint=checkpoint,
+                       checkpoints=4, adapter=str(tmp_path / "adapter"))
+    assert [r["step"] for r in records if "heldout/accuracy" in r and "step" in r] == [2, 4, 6, 8]
+    assert records[-1] == {"iteration": 1, "selected_step": 6, "heldout/accuracy": 0.5}
+    now = [p for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(now, seen[2]))  # the weights of step 6, not of step 8
+    assert not all(torch.equal(a, b) for a, b in zip(now, seen[3]))
+    from peft import load_peft_weights
+
+    saved = load_peft_weights(str(tmp_path / "adapter"))  # the saved adapter is the selected checkpoint
+    assert any(torch.equal(v, seen[2][0]) for v in saved.values())

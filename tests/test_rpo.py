@@ -40,7 +40,7 @@ def test_samples_from_reuses_m0_eval_and_samples_for_a_loss_ablation(full_run, t
     rpo.run(tiny_config(out, iterations=1, alpha=0.0, samples_from=str(source)))
     for name in ("iter_0/eval.json", "iter_1/samples.jsonl", "iter_1/pairs.jsonl", "iter_1/reference.jsonl"):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
-    ours, theirs = (read(str(d / "iter_1" / "train_log.jsonl")) for d in (out, source))
+    ours, theirs = ([r for r in read(str(d / "iter_1" / "train_log.jsonl")) if "loss" in r] for d in (out, source))
     assert [r["loss/nll"] for r in ours] != [r["loss/nll"] for r in theirs]  # α changed the training only
     assert ours[0]["loss"] == pytest.approx(math.log(2))  # α = 0: plain DPO, log 2 at step 1
     with pytest.raises(SystemExit, match="differs in seed"):
@@ -111,7 +111,7 @@ def test_samples_are_rewarded_by_the_one_reward_function(full_run):
 
 def _gold(example_id):
     cfg = tiny_config("unused")
-    train_set, _, _ = lm.load_task(cfg, cfg.seed)
+    train_set = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)[0]
     ex = next(e for e in train_set if e["id"] == example_id)
     return ex["answer"], ex["task"]
 
@@ -202,8 +202,8 @@ def test_star_trains_on_every_correct_sample_once(full_run, tmp_path):
     golds = 6  # --add-gold: each of the 6 questions' gold solution is a correct sample too
     assert len(pairs) == len(right) + golds and all(p["rejected"] == "" for p in pairs)
     assert sorted(p["chosen"] for p in pairs if p["chosen"] in right) == sorted(right)
-    log = read(str(out / "iter_1" / "train_log.jsonl"))
-    assert all(r["loss"] == pytest.approx(r["loss/nll"]) for r in log)  # the NLL term alone
+    log = [r for r in read(str(out / "iter_1" / "train_log.jsonl")) if "loss" in r]
+    assert log and all(r["loss"] == pytest.approx(r["loss/nll"]) for r in log)  # the NLL term alone
 
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -225,5 +225,21 @@ def test_whole_loop_on_the_published_gsm8k(tmp_path):
     assert pairs[0]["prompt"][0]["content"].startswith(data.GSM8K_INSTRUCTION)
     gold = [p for p in pairs if p["chosen"] == data.gold_solution(first)]
     assert gold and gold[0]["chosen"].endswith(f"\nFinal answer: {first['answer']}") and "<<" not in gold[0]["chosen"]
-    assert len(read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl"))) == 1
+    assert len([r for r in read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl")) if "loss" in r]) == 1
     assert [r["iteration"] for r in rows] == [0, 1] and read(str(tmp_path / "run" / "iter_1" / "eval.json"))["n"] == 2
+
+
+def test_heldout_questions_pick_the_checkpoint_and_are_never_sampled(full_run):
+    out, rows = full_run
+    cfg = tiny_config(out)
+    train_set, _, _, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
+    assert len(heldout) == cfg.heldout_questions and len(train_set) == cfg.n_train
+    assert not {ex["id"] for ex in heldout} & {s["id"] for s in read(str(out / "iter_1" / "samples.jsonl"))}
+    for t in (1, 2):
+        log = read(str(out / f"iter_{t}" / "train_log.jsonl"))
+        checks = [r for r in log if "heldout/accuracy" in r and "step" in r]
+        steps = max(r["step"] for r in log if "loss" in r)
+        assert [r["step"] for r in checks] == [round(steps / 2), steps]  # --checkpoints 2
+        best = max(checks[::-1], key=lambda r: r["heldout/accuracy"])  # ties go to the later checkpoint
+        assert log[-1] == {"iteration": t, "selected_step": best["step"], "heldout/accuracy": best["heldout/accuracy"]}
+        assert rows[t]["checkpoint"] == log[-1]

@@ -86,8 +86,9 @@ def test_given_split_steps_one_file_each(tmp_path):
 def test_resume(two_steps, tmp_path, cut):
     cfg, _ = two_steps
     order = ["heldout.jsonl", "step_0/heldout_logps.jsonl", "step_0/eval.json"] + [
-        f"step_{t}/{name}" for t in (1, 2) for name in ("pairs.jsonl", "reference.jsonl", "stats.json",
-                                                       "adapter", "train_log.jsonl", "heldout_logps.jsonl", "eval.json")]
+        f"step_{t}/{name}" for t in (1, 2) for name in (
+            "pairs.jsonl", "reference.jsonl", "stats.json", "adapter", "train_log.jsonl", "heldout_logps.jsonl",
+            "eval.json")]
     stopped = tmp_path / "run"
     shutil.copytree(cfg.out, stopped)
     for name in order[order.index(cut) + 1:]:
