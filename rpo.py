@@ -122,7 +122,8 @@ def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list
     records = []
     for ex, prompt, outs in zip(examples, prompts, completions):
         for n, (text, truncated) in enumerate(outs):
-            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated)
+            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated,
+                                           cfg.math_grader)
             records.append({"id": ex["id"], "n": n, "prompt": prompt, "completion": text, "extracted": extracted,
                             "reward": reward, "truncated": truncated})
     return records

@@ -119,7 +119,7 @@ def rpo_task(cfg: Config):
     for path in paths:
         if os.path.exists(path) and read(path).get("script") == "rpo.py":
             config = read(path)
-            task = lm.TaskConfig(**{f.name: config[f.name] for f in fields(lm.TaskConfig)})
+            task = lm.TaskConfig(**{f.name: config[f.name] for f in fields(lm.TaskConfig) if f.name in config})
             test, shots = lm.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
             return config, task, test, shots, os.path.dirname(path)
     return None

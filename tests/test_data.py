@@ -296,3 +296,20 @@ def test_load_arc_in_ai2_layout_with_numeric_keys(tmp_path):
     path.write_text(json.dumps({"question": {"stem": "Which?", "choices": [{"label": "1"}]}, "answerKey": "1"}) + "\n")
     with pytest.raises(DataError, match=r"arc\.jsonl:1: each of 'question.choices' needs a 'label' and a 'text'"):
         load_examples("arc", str(path))
+
+
+@pytest.mark.parametrize("answer, gold, want", [
+    ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}", 1),
+    ("2(k+1)", "2k+2", 1),
+    ("3\\sqrt{2}", "\\sqrt{18}", 1),
+    ("x = \\text{Evelyn}", "\\text{Evelyn}", 1),  # the built-in half of the union
+    ("2k+1", "2k+2", 0),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{2}", 0),
+    ("", "\\text{east}", 0),
+    ("\\frac{1}{" * 10 + "2" + "}" * 10, "1", 0),  # too deep for math-verify: refused without parsing
+])
+def test_math_verify_grader_adds_algebraic_equivalence(answer, gold, want):
+    pytest.importorskip("math_verify")
+    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == (want and answer in (
+        "x = \\text{Evelyn}",))  # the built-in grader: notation only
+    assert data.judge(f"So.\nFinal answer: {answer}", gold, "math", grader="math-verify")[1] == want

@@ -243,3 +243,12 @@ def test_heldout_questions_pick_the_checkpoint_and_are_never_sampled(full_run):
         best = max(checks[::-1], key=lambda r: r["heldout/accuracy"])  # ties go to the later checkpoint
         assert log[-1] == {"iteration": t, "selected_step": best["step"], "heldout/accuracy": best["heldout/accuracy"]}
         assert rows[t]["checkpoint"] == log[-1]
+
+
+def test_math_verify_grader_asked_but_not_installed_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(SystemExit, match="--math-grader math-verify needs the package: pip install math-verify"):
+        rpo.main(["--model", "tiny-random", "--math-grader", "math-verify", "--out", str(tmp_path / "r")])
