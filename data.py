@@ -448,13 +448,11 @@ def _arc_label(answer: str, choices: list | None = None) -> str | None:
     """The label an ARC answer names: "answer is B", a label alone or in brackets, or, given the question's
     choices, the text of exactly one of them (after a label in brackets, if any)."""
     answer = answer[:MAX_ANSWER_CHARS]
-    found = ANSWER_IS_RE.findall(answer)
-    if found:
-        return found[-1].upper()
-    match = LABEL_RE.match(answer)
     labels = [label for label, _ in choices or []]
-    if match and (not labels or (match.group(1) or match.group(2)).upper() in labels):
-        return (match.group(1) or match.group(2)).upper()  # ("13" is a choice's text where the labels are A-D)
+    match = LABEL_RE.match(answer)
+    for named in (ANSWER_IS_RE.findall(answer)[-1:] or [None])[0], match and (match.group(1) or match.group(2)):
+        if named and (not labels or named.upper() in labels):  # "13" is a choice's text where the labels are A-D
+            return named.upper()
     for fold in (lambda t: t, str.lower):  # case first: "Rr" and "RR" are different genotypes
         said = fold(_words(answer))
         named = [label for label, text in choices or [] if said and fold(_words(text)) == said]

@@ -4,10 +4,10 @@
     load/save_adapter   a finished iteration's (step's) model M_t = base + adapter_t
     encode_pair         prompt and response tokenised apart, then joined; collate pads a batch of pairs
     pair_logps          log π(y_w|x) and log π(y_l|x) of a batch of pairs, the prompt computed once
-    generate            the sampler: n completions per prompt, stopping after the "Final answer:" line
+    generate            the sampler: n completions per prompt, each stopping after its "Final answer:" line
     reference_logps     log-probs of every pair under the current model, before training: π_ref = M_{t-1}
     train               DPO + NLL (Eq. 1 of arXiv 2404.19733v3) on pairs against stored reference log-probs
-    evaluate            greedy accuracy and maj@k on a task's test split
+    load_task, evaluate the task's splits (and held-out training questions); greedy accuracy and maj@k
 
 Both algorithm files import this module; it imports neither.
 """

@@ -274,6 +274,7 @@ CHOICES = [("A", "a plant needs light"), ("B", "sunlight"), ("C", "A mouse runs 
     ("A mouse runs from a coyote.", "C", 1),
     ("a plant needs light", "A", 1),
     ("13", "D", 1),  # a number that is a choice's text, where the labels are letters
+    ("The answer is 13.", "D", 1),
     ("(B) sunlight", "B", 1),
     ("B.", "B", 1),
     ("Sunlight", "B", 1),
