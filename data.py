@@ -453,11 +453,12 @@ def _arc_label(answer: str, choices: list | None = None) -> str | None:
     for named in (ANSWER_IS_RE.findall(answer)[-1:] or [None])[0], match and (match.group(1) or match.group(2)):
         if named and (not labels or named.upper() in labels):  # "13" is a choice's text where the labels are A-D
             return named.upper()
-    for fold in (lambda t: t, str.lower):  # case first: "Rr" and "RR" are different genotypes
-        said = fold(_words(answer))
-        named = [label for label, text in choices or [] if said and fold(_words(text)) == said]
-        if len(named) == 1:
-            return named[0]
+    for said in dict.fromkeys((answer, re.split(r"(?i)answer\s+is\s*:?", answer)[-1])):  # all, or after "answer is"
+        said = _words(said)
+        for fold in (lambda t: t, str.lower):  # case first: "Rr" and "RR" are different genotypes
+            named = [label for label, text in choices or [] if said and fold(_words(text)) == fold(said)]
+            if len(named) == 1:
+                return named[0]
     return None
 
 
