@@ -7,6 +7,10 @@ import pytest
 import rpo
 import sdpo
 
+# The published data sets (GSM8K, MATH-500, an ARC-Challenge subset) sit beside the project, in CI too; never copied
+# into it. Tests that read them skip, saying why, where they are absent.
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
 
 def tiny_config(out, **kw):
     base = dict(model="tiny-random", out=str(out), n_train=6, n_test=4, samples_per_question=4, pairs_per_question=2,

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+from conftest import DATA
 
 import bench
 
@@ -25,9 +26,6 @@ def test_train_benchmark_trl_side_runs_in_fp32_with_checkpointing(capsys):
                 "--batch", "2"])
     seconds, peak_mib = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert seconds > 0 and peak_mib > 0
-
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 @pytest.mark.parametrize("task", sorted(bench.PUBLISHED))

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import snapshot, tiny_config
+from conftest import DATA, snapshot, tiny_config
 
 import lm
 import rpo
@@ -204,9 +204,6 @@ def test_star_trains_on_every_correct_sample_once(full_run, tmp_path):
     assert sorted(p["chosen"] for p in pairs if p["chosen"] in right) == sorted(right)
     log = [r for r in read(str(out / "iter_1" / "train_log.jsonl")) if "loss" in r]
     assert log and all(r["loss"] == pytest.approx(r["loss/nll"]) for r in log)  # the NLL term alone
-
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 def test_whole_loop_on_the_published_gsm8k(tmp_path):
