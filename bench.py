@@ -277,17 +277,12 @@ def reward_counts(task: str, path: str) -> dict:
 
 
 def math_verify_counts(right: list, wrong: list) -> dict | None:
-    """Hugging Face's math-verify (the grader TRL and open-r1 use) on the same rewrites and wrong answers, or None
-    where it is not installed (pip install math-verify)."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:
+    """Hugging Face's math-verify (the grader TRL and open-r1 use) alone, as `--math-grader math-verify` calls it
+    (`data.math_verify_equal`), on the same rewrites and wrong answers; None where it is not installed."""
+    if importlib.util.find_spec("math_verify") is None:
         return None
-    start, verdicts = time.perf_counter(), []
-    for completion, ex in right + wrong:
-        answer = completion.split("Final answer:", 1)[1].strip()
-        answer = answer.rstrip(".").strip().strip("$")  # the sentence's period is not part of the math
-        verdicts.append(bool(verify(parse(f"${ex['answer']}$"), parse(f"${answer}$"))))
+    start = time.perf_counter()
+    verdicts = [data.math_verify_equal(c.split("Final answer:", 1)[1], ex["answer"]) for c, ex in right + wrong]
     return {"missed": [c for (c, _), v in zip(right, verdicts) if not v],
             "fooled": [c for (c, _), v in zip(wrong, verdicts[len(right):]) if v],
             "seconds_per_call": (time.perf_counter() - start) / len(verdicts)}

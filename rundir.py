@@ -118,12 +118,12 @@ class RunDir:
     def copy_from(self, source: str, names: list, ignore: set) -> None:
         """Copy the files `names` (relative paths) from another run directory whose config agrees with this one on
         every field but those in `ignore`; files this run already has are kept."""
-        have = read(os.path.join(source, "config.json")) if os.path.exists(os.path.join(source, "config.json")) \
-            else sys.exit(f"{os.path.join(source, 'config.json')}: no such file; give a run directory")
-        diff = config_diff(have, self.config, ignore)
+        path = os.path.join(source, "config.json")
+        if not os.path.exists(path):
+            sys.exit(f"{path}: no such file; give a run directory")
+        diff = config_diff(read(path), self.config, ignore)
         if diff:
-            sys.exit(f"{os.path.join(source, 'config.json')}: its files do not fit this run; it differs in "
-                     + ", ".join(diff))
+            sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
         for name in names:
             if not os.path.exists(os.path.join(self.out, name)):
                 if not os.path.exists(os.path.join(source, name)):
