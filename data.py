@@ -151,20 +151,28 @@ def read_records(path: str) -> list[tuple[int, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-        records = list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        try:
+            records = list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        except Exception as e:  # pyarrow.ArrowInvalid and kin: not a Parquet file, or a damaged one
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     else:
         records = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                records.append((number, record))
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a UTF-8 text file of JSON lines (byte {e.start}); a Parquet file's name "
+                            "ends in .parquet") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
     if not records:
         raise DataError(f"{path}: no records (empty file)")
     return records
@@ -241,12 +249,18 @@ def load_examples(task: str, path: str) -> list[dict]:
     return examples
 
 
+ROLES = ("system", "user", "assistant")  # the roles of a chat message that chat templates know
+
+
 def _message_text(value, key: str, where: str, prompt: bool):
     """A preference field as a string, or as a list of chat messages (TRL's conversational layout)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in value):
+        roles = [m["role"] for m in value if m["role"] not in ROLES]
+        if roles:
+            raise DataError(f"{where}: role {roles[0]!r} in '{key}' is none of {', '.join(ROLES)}")
         if prompt:
             return [{"role": m["role"], "content": m["content"]} for m in value]
         if value[-1]["role"] != "assistant":

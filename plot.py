@@ -13,11 +13,10 @@ run's own M_0 on the same test questions, the questions gained and lost and an e
 """
 import argparse
 import glob
-import math
 import os
 import sys
 
-from rundir import atomic, markdown_table, read
+from rundir import atomic, flips, markdown_table, read
 
 
 def read_run(folder: str):
@@ -128,12 +127,6 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
     plt.close(fig)
 
 
-def sign_test(b: int, c: int) -> float:
-    """Two-sided exact sign test (McNemar) of b questions lost against c gained: P(as lopsided | no change)."""
-    n = b + c
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n) if n else 1.0
-
-
 def changes_table(folders: list, first: int = 0) -> str:
     """Per run and iteration (step): greedy accuracy and maj@k on the test split, and the questions it got right
     that M_0 got wrong (and the reverse), with the sign test's p: paired, so finer than the binomial error bar."""
@@ -143,17 +136,14 @@ def changes_table(folders: list, first: int = 0) -> str:
         paths = sorted(glob.glob(os.path.join(folder, "*_[0-9]*", "eval.json")),
                        key=lambda p: index_of(os.path.basename(os.path.dirname(p))))
         evals = [read(p) for p in paths]
-        start = {r["id"]: r["correct"] for r in evals[0]["results"]}
         for path, e in zip(paths, evals):
             t = index_of(os.path.basename(os.path.dirname(path)))
             if first and t > first:
                 continue
-            now = {r["id"]: r["correct"] for r in e["results"]}
-            gained = sum(now[i] and not start[i] for i in now)
-            lost = sum(start[i] and not now[i] for i in now)
+            gained, lost, p = flips(evals[0], e)
             maj = next((f"{100 * v:.1f}" for k, v in e.items() if k.startswith("maj@")), "-")
-            rows.append([name, t, len(now), f"{100 * e['accuracy']:.1f}", maj] +
-                        (["-", "-", "-"] if t == 0 else [gained, lost, f"{sign_test(lost, gained):.3f}"]))
+            rows.append([name, t, len(e["results"]), f"{100 * e['accuracy']:.1f}", maj] +
+                        (["-", "-", "-"] if t == 0 else [gained, lost, f"{p:.3f}"]))
     return markdown_table(["run", "iteration/step", "test n", "greedy %", "maj %", "wrong→right vs 0",
                            "right→wrong vs 0", "sign test p"], rows)
 

@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 import data
 import lm
 from lm import arg
-from rundir import RunDir, main as run_main, markdown_table, read
+from rundir import RunDir, flips, main as run_main, markdown_table, read
 
 
 @dataclass
@@ -73,18 +73,23 @@ class Config(lm.TaskConfig, lm.Config):
     model: str = arg("smollm2-135m", "'smollm2-135m' (embedded, offline), 'tiny-random' (tests), or a Hugging Face "
                      "model id or local path. Paper: Llama-2-70B-Chat")
     # --- Iterative RPO (paper values in brackets: GSM8K / ARC-Challenge / MATH)
-    iterations: int = arg(2, "T, the number of iterations [4 / 3 / 3]")
+    lr: float = arg(1e-4, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]", above=0)
+    epochs: int = arg(2, "passes over the pairs of an iteration [not given: up to 5000 steps, then the best "
+                      "checkpoint]", min=1)
+    iterations: int = arg(1, "T, the number of iterations [4 / 3 / 3]; a finished run continues with a larger T",
+                          min=0)
     samples_per_question: int = arg(8, "N, responses sampled per training question [30 / 30 / 20]",
-                                    aliases=["--samples"])
-    pairs_per_question: int = arg(4, "K, (winner, loser) pairs per question [10 / 20 / 15]", aliases=["--pairs"])
+                                    aliases=["--samples"], min=1)
+    pairs_per_question: int = arg(4, "K, (winner, loser) pairs per question [10 / 20 / 15]", aliases=["--pairs"],
+                                  min=1)
     temperatures: list[float] = arg([0.8, 0.8, 1.3, 1.3], "sampling temperature of iteration 1, 2, ...; the last "
-                                    "one repeats [0.8 for iterations 1-2, then 1.3 / 1.3 / 1.0]")
+                                    "one repeats [0.8 for iterations 1-2, then 1.3 / 1.3 / 1.0]", above=0, min_items=1)
     add_gold: bool = arg(False, "add the gold solution to the winners [GSM8K: yes]")
-    max_pairs: int = arg(0, "cap on the pairs of one iteration, 0 = none [GSM8K: ~55-60k]")
+    max_pairs: int = arg(0, "cap on the pairs of one iteration, 0 = none [GSM8K: ~55-60k]", min=0)
     heldout_questions: int = arg(10, "training questions held out, never sampled for pairs, to pick each iteration's "
-                                 "best checkpoint; 0 = keep the last [1000]")
+                                 "best checkpoint; 0 = keep the last [1000]", min=0)
     checkpoints: int = arg(2, "evenly spaced checkpoints per iteration scored on the held-out questions, the last "
-                           "one included [5000 steps, spacing not given]")
+                           "one included [5000 steps, spacing not given]", min=1)
     sft: bool = arg(False, "the STaR baseline: SFT (the NLL term alone) on every correct sample of the iteration "
                     "once, instead of pairs")
     samples_from: str = arg("", "run directory whose M_0 evaluation and iteration-1 samples this run reuses (same "
@@ -96,16 +101,17 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
                      samples_per_question=30, pairs_per_question=10, temperatures=[0.8, 0.8, 1.3, 1.3],
                      add_gold=True, max_pairs=60000, max_new_tokens=512, max_length=1024, lr=5e-6, batch_size=4,
                      grad_accum=4, max_steps=5000, gradient_checkpointing=True, eval_k=32, sample_batch_size=64,
-                     heldout_questions=1000, checkpoints=10, out="runs/gsm8k-7b"),
+                     heldout_questions=1000, checkpoints=10, epochs=1, out="runs/gsm8k-7b"),
     "arc-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="arc", n_train=0, n_test=0, iterations=3,
                    samples_per_question=30, pairs_per_question=20, temperatures=[0.8, 0.8, 1.3], max_new_tokens=512,
                    max_length=1024, lr=5e-6, batch_size=4, grad_accum=4, max_steps=4000, gradient_checkpointing=True,
-                   eval_k=32, sample_batch_size=64, heldout_questions=1000, checkpoints=10, out="runs/arc-7b"),
+                   eval_k=32, sample_batch_size=64, heldout_questions=1000, checkpoints=10, epochs=1,
+                   out="runs/arc-7b"),
     "math-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="math", n_train=0, n_test=0, iterations=3,
                     samples_per_question=20, pairs_per_question=15, temperatures=[0.8, 0.8, 1.0], max_new_tokens=768,
                     max_length=2048, lr=5e-6, batch_size=2, grad_accum=8, max_steps=5000,
                     gradient_checkpointing=True, eval_k=32, sample_batch_size=32, heldout_questions=1000,
-                    checkpoints=10, out="runs/math-7b"),
+                    checkpoints=10, epochs=1, out="runs/math-7b"),
 }
 
 
@@ -198,10 +204,15 @@ TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "
 
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
-    out = RunDir(cfg, "rpo.py", "iter")
+    lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    train_set, test_set, shots, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
+    out = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
+    print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
+          f"questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
+          f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
+    out.expect(plan(cfg, len(train_set), len(test_set), len(heldout)))
     if cfg.samples_from:  # a loss ablation on the very pairs of another run
         out.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
-    train_set, test_set, shots, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
     model, tokenizer = lm.load_model(cfg)                                                    # M_0
 
     def evaluate(t):  # greedy accuracy and maj@k of M_t on the test split
@@ -231,30 +242,50 @@ def run(cfg: Config) -> list:
 
 
 def summary_rows(out: RunDir, cfg: Config) -> list:
-    rows = []
+    rows, first = [], read(out.path(0, "eval.json"))
     for t in range(cfg.iterations + 1):
         stats = read(out.path(t, "stats.json")) if t else {}
         selected = [r for r in read(out.path(t, "train_log.jsonl")) if "selected_step" in r] if t else []
         result = read(out.path(t, "eval.json"))
         rows.append({"iteration": t, "questions": stats.get("questions_with_pairs"), "pairs": stats.get("pairs"),
                      "train_accuracy": stats.get("train_accuracy"), "test_accuracy": result["accuracy"],
-                     "majority": result.get(f"maj@{cfg.eval_k}"),
-                     "checkpoint": selected[0] if selected else None})
+                     "test_n": result["n"], "majority": result.get(f"maj@{cfg.eval_k}"),
+                     "checkpoint": selected[0] if selected else None, "versus_m0": flips(first, result)})
     return rows
 
 
 def format_table(rows: list, cfg: Config) -> str:
+    """The run's table: per iteration its pairs, its checkpoint, its test accuracy, and the test questions it
+    answers right that M_0 got wrong (gained) and the reverse (lost), with the sign test's p on them."""
     def cell(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}" if pct else str(v))
 
     def checkpoint(c):
         return "-" if c is None else f"step {c['selected_step']} ({100 * c['heldout/accuracy']:.1f})"
 
+    def versus(r):
+        return "-" if r["iteration"] == 0 else "{} / {} (p = {:.2g})".format(*r["versus_m0"])
+
     head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "checkpoint (held-out acc %)",
-            "test acc %", f"maj@{cfg.eval_k} %"]
+            f"test acc % (n = {rows[0]['test_n']})", "vs M_0: gained / lost (sign test)"] + \
+        ([f"maj@{cfg.eval_k} %"] if cfg.eval_k else [])
     return markdown_table(head, [[r["iteration"], cell(r["questions"]), cell(r["pairs"]),
                                   cell(r["train_accuracy"], True), checkpoint(r["checkpoint"]),
-                                  cell(r["test_accuracy"], True), cell(r["majority"], True)] for r in rows])
+                                  cell(r["test_accuracy"], True), versus(r)] +
+                                 ([cell(r["majority"], True)] if cfg.eval_k else []) for r in rows])
+
+
+def plan(cfg: Config, questions: int, tests: int, heldout: int) -> dict:
+    """The run's stages and their rough work in tokens (generated, scored), for the estimate of the time left."""
+    evaluation = (tests * (1 + cfg.eval_k) * cfg.max_new_tokens, 0)
+    pairs = questions * (1 if cfg.sft else cfg.pairs_per_question) * 2 * cfg.max_new_tokens
+    stages = {(0, "eval.json"): evaluation}
+    for t in range(1, cfg.iterations + 1):
+        stages |= {(t, "samples.jsonl"): (questions * cfg.samples_per_question * cfg.max_new_tokens, 0),
+                   (t, "reference.jsonl"): (0, pairs),
+                   (t, "train_log.jsonl"): (heldout * cfg.checkpoints * cfg.max_new_tokens, 3 * pairs * cfg.epochs),
+                   (t, "eval.json"): evaluation}
+    return stages
 
 
 def main(argv=None) -> None:

@@ -9,14 +9,21 @@ Imports only the standard library and data.py (torch where a seed is set), so pl
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
+import difflib
 import glob
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
+import time
+import types
+import typing
 from collections.abc import Callable
 
 import data
@@ -68,30 +75,108 @@ def markdown_table(head: list, rows: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
+def sign_test(lost: int, gained: int) -> float:
+    """Two-sided exact sign test (McNemar) of questions lost against questions gained: P(as lopsided | no change)."""
+    n = lost + gained
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n) if n else 1.0
+
+
+def flips(before: dict, after: dict) -> tuple:
+    """(gained, lost, sign test p) of an evaluation (an eval.json) against an earlier one on the same questions:
+    questions answered right that were wrong, and the reverse. Paired, so finer than two accuracies' error bars."""
+    was = {r["id"]: r["correct"] for r in before["results"]}
+    now = {r["id"]: r["correct"] for r in after["results"]}
+    gained = sum(now[i] and not was[i] for i in now)
+    lost = sum(was[i] and not now[i] for i in now)
+    return gained, lost, sign_test(lost, gained)
+
+
 def config_diff(have: dict, want: dict, ignore=()) -> list:
     """'key (value there, value here)' for every key on which two configs differ."""
     return [f"{k} ({have.get(k)!r} there, {want.get(k)!r} here)" for k in sorted(set(have) | set(want))
             if k not in ignore and have.get(k) != want.get(k)]
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+class Clock:
+    """The whole-run estimate of the time left. Each planned stage has a rough amount of work: tokens generated
+    (sampling, evaluation) and tokens scored (reference pass, training). A stage not yet run is expected to take as
+    long as the same stage of the iteration before, or, for the first of its kind, its work at the seconds per
+    token measured so far (scoring taken as a quarter of a generated token's cost until a scoring stage ran)."""
+
+    def __init__(self, plan: dict, prefix: str):
+        self.plan, self.prefix, self.start = dict(plan), prefix, time.time()
+        self.seconds, self.left = {}, list(plan)
+
+    def skip(self, key) -> None:
+        if key in self.left:
+            self.left.remove(key)
+
+    def finished(self, key, seconds: float) -> None:
+        self.seconds[key] = seconds
+        self.skip(key)
+        if key not in self.plan:
+            return
+        estimate = self.estimate()
+        print(f"{self.prefix}{key[0]}: {key[1]} took {duration(seconds)}; {duration(time.time() - self.start)} so "
+              f"far" + (f", about {duration(estimate)} left" if self.left else ""), file=sys.stderr)
+
+    def estimate(self) -> float:
+        done = [(self.plan[k], s) for k, s in self.seconds.items() if k in self.plan]
+        generated = [(g, s) for (g, scored), s in done if g and not scored]
+        scored = [(c, s) for (g, c), s in done if c and not g]
+        per_generated = sum(s for _, s in generated) / max(1, sum(g for g, _ in generated))
+        per_scored = sum(s for _, s in scored) / sum(c for c, _ in scored) if scored else per_generated / 4
+        total = 0.0
+        for t, name in self.left:
+            before = [s for (u, n), s in self.seconds.items() if n == name and u < t]
+            generated, scored = self.plan[(t, name)]
+            total += before[-1] if before else generated * per_generated + scored * per_scored
+        return total
+
+
 class RunDir:
     """The run directory `cfg.out`: config.json, metrics.jsonl, and one folder per iteration or step, `{prefix}_t`."""
 
-    def __init__(self, cfg, script: str, prefix: str):
-        self.out, self.seed, self.prefix = cfg.out, cfg.seed, prefix
+    def __init__(self, cfg, script: str, prefix: str, grows: tuple = ()):
+        """Checks the directory; writes nothing until the first stage finishes (`claim`), so that a run that fails
+        before it leaves nothing behind. A directory whose config.json is from a start that failed before any stage
+        finished holds nothing to protect: the new config replaces it. The fields in `grows` (the number of
+        iterations) may differ from a finished run's: the run continues with them."""
+        self.out, self.seed, self.prefix, self.claimed = cfg.out, cfg.seed, prefix, False
+        self.clock = Clock({}, f"{prefix} ")
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
         path = os.path.join(self.out, "config.json")
         if os.path.exists(path):
             have = read(path)
-            if have != self.config:
+            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}
+            if have.get("script") != script and finished:
+                sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
+                         "--out")
+            if config_diff(have, self.config, grows) and finished:
                 sys.exit(f"{path}: this run directory holds a run with another config "
                          f"({', '.join(config_diff(have, self.config))}); use another --out, or delete the directory "
                          "to start over")
+            self.claimed = have == self.config
         elif os.path.isdir(self.out) and os.listdir(self.out):
             sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
-        write_atomic(path, json.dumps(self.config, indent=2) + "\n")
-        self.rebuild_metrics()
+        if self.claimed:
+            self.rebuild_metrics()
+
+    def expect(self, plan: dict) -> None:
+        """The run's stages, {(t, last file name): (generated tokens, scored tokens)} roughly, in order: after each
+        stage, a line with the time so far and an estimate of the time left (`Clock`)."""
+        self.clock = Clock(plan, f"{self.prefix} ")
+
+    def claim(self) -> None:
+        """Write config.json: from now on the directory holds this run."""
+        if not self.claimed:
+            write_atomic(os.path.join(self.out, "config.json"), json.dumps(self.config, indent=2) + "\n")
+            self.claimed = True
 
     def path(self, t: int | None, name: str = "") -> str:
         """The file `name` of iteration (step) t; of the run directory itself when t is None."""
@@ -109,10 +194,14 @@ class RunDir:
         else:
             if seed is not None:
                 seed_everything(self.seed, t, seed)
+            start = time.time()
             values = compute() if isinstance(name, tuple) else [compute()]
+            self.claim()
             for p, v in zip(paths, values):
                 write(p, v)
             self.rebuild_metrics()
+            self.clock.finished((t, names[-1]), time.time() - start)
+        self.clock.skip((t, names[-1]))
         return values if isinstance(name, tuple) else values[0]
 
     def copy_from(self, source: str, names: list, ignore: set) -> None:
@@ -124,15 +213,19 @@ class RunDir:
         diff = config_diff(read(path), self.config, ignore)
         if diff:
             sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
+        missing = [os.path.join(source, n) for n in names if not os.path.exists(os.path.join(self.out, n))
+                   and not os.path.exists(os.path.join(source, n))]
+        if missing:
+            sys.exit(f"{missing[0]}: no such file; that run has not got that far")
+        self.claim()
         for name in names:
             if not os.path.exists(os.path.join(self.out, name)):
-                if not os.path.exists(os.path.join(source, name)):
-                    sys.exit(f"{os.path.join(source, name)}: no such file; that run has not got that far")
                 with open(os.path.join(source, name), encoding="utf-8") as f:
                     write_atomic(os.path.join(self.out, name), f.read())
 
     def log(self, record: dict) -> None:
         """Append a record (a training step) to metrics.jsonl as it comes; `rebuild_metrics` tidies up after."""
+        self.claim()
         with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -173,12 +266,72 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in ("", None, argparse.SUPPRESS) else super()._get_help_string(action)
 
 
-def parse_config(config_class, argv=None, presets: dict | None = None, description: str = ""):
-    """Flags → config_class. Precedence: field defaults < --preset < --config JSON file < flags given."""
+RANGE = ("min", "above", "max", "below", "min_items")  # a field's valid range, in its metadata (see `lm.arg`)
+
+
+def config_parser(config_class, description: str):
+    """`transformers.HfArgumentParser` over the config dataclass, which passes a field's metadata to argparse:
+    the range keys are ours, checked by `problem`, and are kept from it."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_class, description=description, formatter_class=HelpFormatter,
-                              usage="%(prog)s [options]   (every option below; --help for this list)")
+    class Parser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, f):
+            f = copy.copy(f)
+            f.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in RANGE})
+            HfArgumentParser._parse_dataclass_field(parser, f)
+
+    return Parser(config_class, description=description, formatter_class=HelpFormatter,
+                  usage="%(prog)s [options]   (every option below; --help for this list)")
+
+
+def valid_values(f: dataclasses.Field) -> str:
+    """What a config field takes, in words: its type, its range (metadata min, above, max, below), its choices."""
+    kind, each = f.type, ""
+    if typing.get_origin(kind) is list:
+        kind, each = typing.get_args(kind)[0], "a list, each "
+    if f.metadata.get("choices"):
+        return each + "one of " + ", ".join(map(str, f.metadata["choices"]))
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             bool | None: "true, false or null (the default)"}[kind]
+    bounds = [f"{sign} {f.metadata[key]}" for key, sign in (("min", "≥"), ("above", ">"), ("max", "≤"),
+                                                             ("below", "<")) if key in f.metadata]
+    return (f"a list of at least {f.metadata['min_items']}, each " if f.metadata.get("min_items") else each) + \
+        words + (" " + " and ".join(bounds) if bounds else "")
+
+
+def problem(f: dataclasses.Field, value) -> str | None:
+    """None when `value` is valid for the config field `f`, else what the field takes (`valid_values`)."""
+    kind, items = f.type, [value]
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list):
+            return valid_values(f)
+        kind, items = typing.get_args(kind)[0], value
+        if len(value) < f.metadata.get("min_items", 0):
+            return valid_values(f)
+    for v in items:
+        if kind in (bool, bool | None):
+            ok = isinstance(v, bool) or (v is None and kind != bool)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = isinstance(v, kind)
+        m = f.metadata
+        ok = ok and (v in m["choices"] if m.get("choices") else True) and not (
+            ("min" in m and v < m["min"]) or ("above" in m and v <= m["above"]) or
+            ("max" in m and v > m["max"]) or ("below" in m and v >= m["below"]))
+        if not ok:
+            return valid_values(f)
+    return None
+
+
+def parse_config(config_class, argv=None, presets: dict | None = None, description: str = ""):
+    """Flags → config_class. Precedence: field defaults < --preset < --config JSON file < flags given. Every value
+    is checked against its field (`problem`); a bad one ends the run with one line naming it and what is valid."""
+    parser = config_parser(config_class, description)
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
     parser.add_argument("--config", metavar="FILE", help="JSON file of config fields (flags given here win)")
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="the paper's settings for a task on a 7B model")
@@ -196,23 +349,49 @@ def parse_config(config_class, argv=None, presets: dict | None = None, descripti
         defaults.update(read_config_file(given["config"], fields))
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)  # argparse's own one-line error and exit 2 for an unknown or malformed flag
+    for name, f in fields.items():  # the config file's values were checked where they were read
+        wrong = problem(f, getattr(args, name))
+        if wrong:
+            value = getattr(args, name)
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            parser.error(f"--{name.replace('_', '-')} {shown}: takes {wrong}")
     return config_class(**{name: getattr(args, name) for name in fields})
 
 
 def read_config_file(path: str, fields: dict) -> dict:
-    """The fields of a JSON config file (a run's config.json too); a field's old name (a flag alias) maps to it."""
+    """The fields of a JSON config file (a run's config.json too); a field's old name (a flag alias) maps to it.
+    A bad field or value ends the run with one line naming the file, the line and what is valid."""
     try:
         with open(path, encoding="utf-8") as f:
-            loaded = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            text = f.read()
+        loaded = json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
         sys.exit(f"{path}: cannot read the config ({e})")
+    except json.JSONDecodeError as e:
+        sys.exit(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    if not isinstance(loaded, dict):
+        sys.exit(f"{path}: a config file holds one JSON object of fields, not a {type(loaded).__name__}")
+
+    def line(key):
+        found = re.search(r'"%s"\s*:' % re.escape(key), text)
+        return text.count("\n", 0, found.start()) + 1 if found else 1
+
     renamed = {alias.lstrip("-").replace("-", "_"): name for name, f in fields.items()
                for alias in f.metadata.get("aliases", [])}
-    loaded = {renamed.get(k, k): v for k, v in loaded.items() if k != "script"}
-    unknown = sorted(set(loaded) - set(fields))
-    if unknown:
-        sys.exit(f"{path}: unknown field(s) {', '.join(unknown)}")
-    return loaded
+    out = {}
+    for key, value in loaded.items():
+        name = renamed.get(key, key)
+        if key == "script":
+            continue
+        if name not in fields:
+            close = difflib.get_close_matches(key, list(fields) + list(renamed), 1)
+            sys.exit(f"{path}:{line(key)}: unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                     "; the fields are the flags of --help, with '_' for '-'"))
+        wrong = problem(fields[name], value)
+        if wrong:
+            sys.exit(f"{path}:{line(key)}: \"{key}\": {json.dumps(value)} — {name} takes {wrong}")
+        out[name] = value
+    return out
 
 
 def main(run: Callable, config_class, argv=None, presets: dict | None = None, description: str = "") -> None:
@@ -221,4 +400,4 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
     try:
         run(cfg)
     except data.DataError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"{os.path.basename(run.__code__.co_filename)}: error: {e}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 import data
 import lm
 from lm import arg
-from rundir import RunDir, main as run_main, markdown_table, read
+from rundir import RunDir, flips, main as run_main, markdown_table, read
 
 SPLITS = ("given", "random", "easy-to-hard")
 
@@ -41,17 +41,18 @@ SPLITS = ("given", "random", "easy-to-hard")
 class Config(lm.Config):
     model: str = arg("smollm2-135m", "'smollm2-135m', 'tiny-random', or a Hugging Face model id or local path. "
                      "Paper: SOLAR-10.7B + SFT")
-    alpha: float = arg(0.0, "α of an optional length-normalised NLL term on the chosen response [0: plain DPO]")
-    beta: float = arg(0.1, "β of the DPO loss [Zephyr's settings]")
-    lr: float = arg(2e-5, "learning rate, constant [Zephyr: 5e-7 for full fine-tuning; LoRA needs more]")
+    alpha: float = arg(0.0, "α of an optional length-normalised NLL term on the chosen response [0: plain DPO]",
+                       min=0)
+    beta: float = arg(0.1, "β of the DPO loss [Zephyr's settings]", above=0)
+    lr: float = arg(2e-5, "learning rate, constant [Zephyr: 5e-7 for full fine-tuning; LoRA needs more]", above=0)
     out: str = arg("runs/sdpo", "run directory")
     # --- sDPO
     data: list[str] = arg([], "preference files (JSONL/Parquet: prompt, chosen, rejected; strings or chat "
                           "messages), e.g. the pairs.jsonl of an rpo.py run; with --split given, one file per step")
-    steps: int = arg(2, "T, the number of steps [2: OpenOrca, then UltraFeedback]; 1 = plain DPO on all data")
+    steps: int = arg(2, "T, the number of steps [2: OpenOrca, then UltraFeedback]; 1 = plain DPO on all data", min=1)
     split: str = arg("random", "how D is cut into steps: given (one file a step), random (equal chunks, the "
                      "paper's stratified control) or easy-to-hard (by M_0's γ_ref)", choices=SPLITS)
-    heldout: int = arg(32, "pairs held out (fixed, drawn before splitting) for γ_ref and preference accuracy")
+    heldout: int = arg(32, "pairs held out (fixed, drawn before splitting) for γ_ref and preference accuracy", min=1)
     task_config: str = arg("", "config.json of the rpo.py run whose test split measures task accuracy after each "
                            "step; default: found beside pairs.jsonl files written by rpo.py")
 
@@ -114,6 +115,8 @@ def load_pairs(cfg: Config):
 def rpo_task(cfg: Config):
     """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run
     (its config.json beside them, or --task-config), else None."""
+    if cfg.task_config and (not os.path.isfile(cfg.task_config) or read(cfg.task_config).get("script") != "rpo.py"):
+        raise data.DataError(f"--task-config {cfg.task_config}: not the config.json of an rpo.py run")
     paths = [cfg.task_config] if cfg.task_config else [  # runs/x/iter_1/pairs.jsonl -> runs/x/config.json
         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(p))), "config.json") for p in cfg.data]
     for path in paths:
@@ -145,9 +148,12 @@ def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t:
 
 def run(cfg: Config) -> list:
     """sDPO: for t = 1 … T, reference = M_{t-1}, target initialised from M_{t-1}, DPO on chunk D_t."""
-    out = RunDir(cfg, "sdpo.py", "step")
+    lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
     pairs, files = load_pairs(cfg)
     task = rpo_task(cfg)
+    out = RunDir(cfg, "sdpo.py", "step")
+    print(f"sdpo.py: sDPO, T = {cfg.steps} step(s) ({cfg.split} split) of M_0 = {cfg.model} on {len(pairs)} pairs from "
+          f"{len(cfg.data)} file(s) → {cfg.out}", file=sys.stderr)
     model, tokenizer = lm.load_model(cfg)                                                     # M_0
     keep = [i for i, p in enumerate(pairs) if lm.encode_pair(tokenizer, p, cfg.max_length) is not None]
     if len(keep) < len(pairs):
@@ -157,6 +163,7 @@ def run(cfg: Config) -> list:
     held = set(random.Random(f"{cfg.seed}-heldout").sample(keep, cfg.heldout))
     heldout = out.stage(None, "heldout.jsonl", lambda: [pairs[i] for i in keep if i in held])
     pool = [i for i in keep if i not in held]
+    out.expect(plan(cfg, task, [pairs[i] for i in pool], len(held)))
     initial = out.stage(0, "heldout_logps.jsonl",                                             # M_0 on the held-out
                         lambda: lm.reference_logps(model, tokenizer, heldout, cfg, "M_0 held-out"))
     scored = out.stage(0, "pool_logps.jsonl", lambda: lm.reference_logps(
@@ -183,14 +190,31 @@ def run(cfg: Config) -> list:
     return rows
 
 
+def plan(cfg: Config, task, pool: list, heldout: int) -> dict:
+    """The run's stages and their rough work in tokens (generated, scored), for the estimate of the time left."""
+    per_pair = sum(len(p["chosen"]) + len(p["rejected"]) for p in pool) / max(1, len(pool)) / 4  # ~4 characters a token
+    tests = len(task[2]) * (1 + task[1].eval_k) * task[1].max_new_tokens if task else 0
+    stages = {(0, "heldout_logps.jsonl"): (0, heldout * per_pair), (0, "eval.json"): (tests, 0)}
+    for t in range(1, cfg.steps + 1):
+        chunk = len(pool) / cfg.steps * per_pair
+        stages |= {(t, "reference.jsonl"): (0, chunk), (t, "train_log.jsonl"): (0, 3 * chunk * cfg.epochs),
+                   (t, "heldout_logps.jsonl"): (0, heldout * per_pair), (t, "eval.json"): (tests, 0)}
+    return stages
+
+
 def format_table(rows: list) -> str:
+    """Per step: its chunk, γ on the held-out pairs, and with a task, test accuracy and the test questions gained and
+    lost against M_0 with the sign test's p."""
+    def versus(r):
+        return "{} / {} (p = {:.2g})".format(*flips(rows[0], r)) if r["step"] and "results" in r else "-"
+
     head = ["step", "pairs", "mean γ_ref (train chunk)", "held-out mean γ", "held-out pref. acc %",
-            "held-out reward acc %", "test acc %"]
+            "held-out reward acc %", "test acc %", "vs M_0: gained / lost (sign test)"]
     return markdown_table(head, [[
         r["step"], r.get("pairs", "-"), f"{r['gamma_ref_mean']:.2f}" if "gamma_ref_mean" in r else "-",
         f"{r['heldout/gamma_mean']:.2f}", f"{100 * r['heldout/preference_accuracy']:.1f}",
         f"{100 * r['heldout/reward_accuracy']:.1f}" if r["step"] else "-",
-        f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-"] for r in rows])
+        f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-", versus(r)] for r in rows])
 
 
 def main(argv=None) -> None:

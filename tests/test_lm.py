@@ -9,6 +9,7 @@ from conftest import some_pairs, tiny_config
 
 import lm
 import rpo
+import rundir
 from losses import rpo_loss, sequence_logps
 from rundir import read
 
@@ -286,3 +287,28 @@ def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
 
     saved = load_peft_weights(str(tmp_path / "adapter"))  # the saved adapter is the selected checkpoint
     assert any(torch.equal(v, seen[2][0]) for v in saved.values())
+
+
+def test_the_estimate_of_the_time_left():
+    """A stage seen before is expected to take what it took the iteration before; the first of its kind, its
+    work at the seconds per token measured so far (scoring a quarter of generating until a scoring stage ran)."""
+    plan = {(0, "eval"): (100, 0), (1, "sample"): (300, 0), (1, "reference"): (0, 400), (1, "train"): (50, 1200),
+            (1, "eval"): (100, 0), (2, "sample"): (300, 0)}
+    clock = rundir.Clock(plan, "iter ")
+    clock.finished((0, "eval"), 10.0)  # 0.1 s a generated token
+    assert clock.estimate() == pytest.approx(30 + 400 * 0.1 / 4 + (5 + 1200 * 0.1 / 4) + 10 + 30)
+    clock.finished((1, "sample"), 60.0)  # (10 + 60) / 400 s a generated token
+    clock.finished((1, "reference"), 20.0)  # 0.05 s a scored token
+    assert clock.estimate() == pytest.approx(50 * 70 / 400 + 1200 * 0.05 + 10 + 60)
+    clock.skip((1, "train"))  # read back by a resumed run: no time left to spend on it
+    assert clock.estimate() == pytest.approx(10 + 60)
+
+
+def test_the_sampler_reports_every_row_that_ends_once():
+    model, tokenizer = lm.tiny_random()
+    prompts = [lm.encode_prompt(tokenizer, p) for p in ("a", "bb", "ccc")]
+    ended, steps = [], []
+    rows = lm.generate_ids(model, prompts, 2, 1.0, 9, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                           done=lambda tokens: len(tokens) >= 3,
+                           progress=lambda step, n: (steps.append(step), ended.append(n)))
+    assert sum(ended) == len(rows) == 6 and steps == list(range(1, len(steps) + 1))

@@ -2,6 +2,7 @@
 import pytest
 
 import plot
+import rundir
 
 
 def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):
@@ -24,10 +25,10 @@ def test_runs_together(full_run, tmp_path, capsys):
 
 
 def test_sign_test():
-    assert plot.sign_test(0, 0) == 1.0
-    assert plot.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
-    assert plot.sign_test(3, 3) == 1.0
-    assert plot.sign_test(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert rundir.sign_test(0, 0) == 1.0
+    assert rundir.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
+    assert rundir.sign_test(3, 3) == 1.0
+    assert rundir.sign_test(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
 
 
 def test_unfinished_run_is_one_line(tmp_path):

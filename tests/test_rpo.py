@@ -3,11 +3,13 @@ pairs, the pairing walk, the command line."""
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
 from conftest import DATA, snapshot, tiny_config
 
+import data
 import lm
 import rpo
 import rundir
@@ -245,3 +247,72 @@ def test_math_verify_grader_asked_but_not_installed_is_one_line(tmp_path, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
     with pytest.raises(SystemExit, match="--math-grader math-verify needs the package: pip install math-verify"):
         rpo.main(["--model", "tiny-random", "--math-grader", "math-verify", "--out", str(tmp_path / "r")])
+
+
+# Bad input: one line naming the value (and the file and line where there is one) and what is valid, a non-zero
+# exit, before any work, and nothing written.
+def _parquet_that_is_not(tmp_path):
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    return str(tmp_path / "bad.parquet")
+
+
+def _config_file(tmp_path):
+    (tmp_path / "c.json").write_text('{\n  "model": "tiny-random",\n  "samples": "8"\n}\n')
+    return str(tmp_path / "c.json")
+
+
+MISTAKES = [  # (flags, exit code, the message)
+    (["--samples", "0"], 2, r"--samples-per-question 0: takes an integer ≥ 1"),
+    (["--pairs", "0"], 2, r"--pairs-per-question 0: takes an integer ≥ 1"),
+    (["--pairs", "-1"], 2, r"--pairs-per-question -1: takes an integer ≥ 1"),
+    (["--beta", "0"], 2, r"--beta 0\.0: takes a number > 0"),
+    (["--beta", "-1"], 2, r"--beta -1\.0: takes a number > 0"),
+    (["--temperatures", "0.8", "-1"], 2, r"--temperatures 0\.8 -1\.0: takes a list of at least 1, each a number > 0"),
+    (["--task", "sums"], 2, r"invalid choice: 'sums'"),
+    (["--arith-test-every", "1"], 2, r"--arith-test-every 1: takes an integer ≥ 2"),
+    (["--arith-ops", "/"], 1, r"--arith-ops '/': takes one or more of '\+-\*'"),
+    (["--n-train", "120"], 1, r"--n-train 120 \(\+ 10 held out\) / --n-test 120: only 87 distinct train problems"),
+    (["--train-file", "gsm8k.jsonl"], 1, r"the arith task is built in and reads no files"),
+    (["--model", "./no-such-folder"], 1, r"--model \./no-such-folder: no such folder, nor a model id"),
+    (["--config", _config_file], 1, r'c\.json:3: "samples": "8" — samples_per_question takes an integer ≥ 1'),
+    (["--task", "gsm8k", "--train-file", _parquet_that_is_not, "--test-file", _parquet_that_is_not], 1,
+     r"bad\.parquet: not a readable Parquet file"),
+    (["--task", "gsm8k", "--train-file", "typo.jsonl", "--test-file", "typo.jsonl"], 1, r"typo\.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize("flags, code, message", MISTAKES, ids=[f"{i}{m[0][0]}" for i, m in enumerate(MISTAKES)])
+def test_every_mistake_is_one_line_before_any_work(tmp_path, capsys, flags, code, message):
+    if "--model" not in flags and "--config" not in flags:
+        flags = ["--model", "tiny-random"] + flags
+    flags = [f(tmp_path) if callable(f) else f for f in flags]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        rpo.main(flags + ["--out", str(out)])
+    err = capsys.readouterr().err + (stop.value.code if isinstance(stop.value.code, str) else "")
+    code_seen = 1 if isinstance(stop.value.code, str) else stop.value.code
+    assert code_seen == code and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_a_model_id_neither_cached_nor_reachable_is_named(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(data.DataError, match=r"--model smollm2-136m: not a built-in name, a folder, nor in the "
+                                             r"Hugging Face cache \(and HF_HUB_OFFLINE is set\)"):
+        lm.check_model("smollm2-136m")
+
+
+def test_a_start_that_failed_leaves_nothing_and_an_old_failed_config_does_not_block(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        rpo.main(["--model", "tiny-random", "--task", "gsm8k", "--train-file", "typo.jsonl", "--test-file", "t.jsonl",
+                  "--out", str(out)])
+    assert not out.exists()
+    out.mkdir()  # what an older version left: the config of a start that failed before any stage finished
+    (out / "config.json").write_text(json.dumps({"script": "rpo.py", "task": "gsm8k", "train_file": "typo.jsonl"}))
+    cfg = tiny_config(out, iterations=0, eval_k=0)
+    rpo.run(cfg)
+    assert read(str(out / "config.json"))["train_file"] == "" and (out / "iter_0" / "eval.json").is_file()

@@ -112,3 +112,18 @@ def test_bad_data_is_one_line(tmp_path):
     bad.write_text('{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(SystemExit, match=r"bad\.jsonl:1: missing field 'rejected'"):
         sdpo.main(["--data", str(bad), "--model", "tiny-random", "--out", str(tmp_path / "r")])
+
+
+def test_a_role_no_chat_template_knows_is_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "roles.jsonl"
+    bad.write_text('{"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(SystemExit, match=r"roles\.jsonl:1: role 'wizard' in 'prompt' is none of system, user, "
+                                         r"assistant"):
+        sdpo.main(["--data", str(bad), "--model", "tiny-random", "--steps", "1", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_rpo_run_directory_is_named_as_such(full_run, tmp_path):
+    out, _ = full_run
+    with pytest.raises(SystemExit, match=r"holds a run of rpo\.py, not of sdpo\.py; give sdpo\.py its own --out$"):
+        sdpo.run(config(tmp_path, [write_pairs(tmp_path / "p.jsonl", 12)], out=str(out), steps=1))
