@@ -54,8 +54,9 @@ class Config:
                        "DPO [1]", min=0)
     beta: float = arg(0.1, "β of the DPO term [0.1]", above=0)
     lr: float = arg(5e-5, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]", above=0)
-    batch_size: int = arg(4, "pairs per forward pass (one prompt pass, then chosen and rejected together)", min=1)
-    grad_accum: int = arg(2, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]", min=1)
+    batch_size: int = arg(1, "pairs per forward pass (one prompt pass, then chosen and rejected together); memory "
+                          "grows with it, and on a CPU 1 is as fast as 4", min=1)
+    grad_accum: int = arg(8, "forward passes per optimizer step; batch_size × grad_accum pairs a step [16]", min=1)
     epochs: int = arg(1, "passes over the pairs of an iteration (step)", min=1)
     max_steps: int = arg(0, "cap on optimizer steps per iteration (step), 0 = none [5000 / 4000 / 5000]", min=0)
     max_length: int = arg(512, "pairs whose prompt + response exceed this many tokens are dropped [paper: the "
@@ -76,7 +77,7 @@ class TaskConfig:
     task: str = arg("arith", "arith (built-in, offline), gsm8k, arc or math", choices=data.TASKS)
     train_file: str = arg("", "training examples in the task's published format (JSONL or Parquet); not for arith")
     test_file: str = arg("", "held-out test examples, same format; not for arith")
-    n_train: int = arg(40, "training questions (arith: generated; files: the first n, 0 = all)", min=0)
+    n_train: int = arg(32, "training questions (arith: generated; files: the first n, 0 = all)", min=0)
     n_test: int = arg(120, "test questions (arith: generated, at most 120 for the default knobs, whose test split "
                       "holds 120 distinct problems; files: the first n, 0 = all)", min=0)
     arith_operands: int = arg(2, "arith: numbers per problem", min=1)
@@ -379,20 +380,33 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
+def common_prefix(sequences: list) -> int:
+    """How many leading tokens all the sequences share, leaving each at least one token of its own."""
+    n = min(map(len, sequences)) - 1
+    return next((i for i in range(n) if len({s[i] for s in sequences}) > 1), n)
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: list, n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int,
                  done: Callable[[list], bool] = lambda tokens: False,
                  progress: Callable[[int, int], None] = lambda step, ended: None) -> list:
     """n completions (token lists, without EOS) of each tokenised prompt, in a plain KV-cache loop rather than
-    model.generate, for three savings: each prompt's prefill is computed once and its cache shared by its n
-    samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by `sample_tokens`.
-    `progress(step, rows ended at this step)` is called after every step."""
+    model.generate, for four savings: the tokens that all prompts of the batch begin with (the chat template's
+    system prompt and the task's instruction) are computed once; each prompt's prefill is computed once and its
+    cache shared by its n samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by
+    `sample_tokens`. `progress(step, rows ended at this step)` is called after every step."""
     from transformers import DynamicCache
 
-    ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in model.generate
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+    shared = common_prefix(prompts) if len(prompts) > 1 else 0
+    if shared:  # its keys and values, computed once, copied to every prompt's row
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    ids, rest = (t.to(model.device) for t in left_pad([p[shared:] for p in prompts], pad_id))
+    mask = torch.cat([rest.new_ones(len(prompts), shared), rest], -1)  # padding between the two parts is masked
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in model.generate
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:], past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
     cache.batch_repeat_interleave(n)  # P prompts → P·n rows, row r = sample r % n of prompt r // n
     logits, mask, position = (x.repeat_interleave(n, 0) for x in (logits, mask, position[:, -1:]))
@@ -511,8 +525,8 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
     steps = steps[:cfg.max_steps or None]
     marks = {round(len(steps) * (k + 1) / checkpoints) for k in range(checkpoints)} if checkpoint else set()
     best = None  # (step, score, the trainable weights then)
-    records, bar = [], tqdm(steps, desc=f"train M_{t}", unit="step")
-    for step, indices in enumerate(bar, start=1):
+    records, bar = [], tqdm(total=sum(map(len, steps)), desc=f"train M_{t}", unit="pair")  # moves every micro-batch
+    for step, indices in enumerate(steps, start=1):
         sums = dict.fromkeys(METRICS, 0.0)
         for micro in batches(indices, cfg.batch_size):
             encoded = [encode_pair(tokenizer, pairs[i], cfg.max_length) for i in micro]
@@ -531,6 +545,7 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
                       "logps/rejected": rejected}
             for name, value in values.items():
                 sums[name] += value.detach().float().sum().item()
+            bar.update(len(micro))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -538,13 +553,15 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
                   "grad_norm": grad_norm, "lr": cfg.lr, "pairs": len(indices)}
         records.append(record)
         log(record)
-        bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['rewards/accuracies']:.2f}")
+        bar.set_postfix_str(f"step {step}/{len(steps)}, loss {record['loss']:.4f} acc "
+                            f"{record['rewards/accuracies']:.2f}")
         if step in marks:  # the paper: "select the best checkpoint using a held-out 1k samples" (Sec. 3)
             records.append({"iteration": t, "step": step, "heldout/accuracy": checkpoint()})
             log(records[-1])
             model.train()
             if best is None or records[-1]["heldout/accuracy"] >= best[1]:
                 best = (step, records[-1]["heldout/accuracy"], [p.detach().clone() for p in params])
+    bar.close()
     if best is not None:
         with torch.no_grad():
             for p, kept in zip(params, best[2]):

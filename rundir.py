@@ -263,7 +263,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action.option_strings = spellings
 
     def _get_help_string(self, action):
-        return action.help if action.default in ("", None, argparse.SUPPRESS) else super()._get_help_string(action)
+        empty = action.default in ("", None, argparse.SUPPRESS) or action.default == []
+        return action.help if empty else super()._get_help_string(action)
 
 
 RANGE = ("min", "above", "max", "below", "min_items")  # a field's valid range, in its metadata (see `lm.arg`)
