@@ -316,3 +316,10 @@ def test_a_start_that_failed_leaves_nothing_and_an_old_failed_config_does_not_bl
     cfg = tiny_config(out, iterations=0, eval_k=0)
     rpo.run(cfg)
     assert read(str(out / "config.json"))["train_file"] == "" and (out / "iter_0" / "eval.json").is_file()
+
+
+def test_a_finished_run_continues_with_more_iterations(full_run, tmp_path):
+    out, _ = full_run
+    rpo.run(tiny_config(tmp_path / "run", iterations=1))
+    rpo.run(tiny_config(tmp_path / "run", iterations=2))  # the same run directory, one iteration more
+    assert snapshot(tmp_path / "run") == snapshot(out)
