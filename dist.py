@@ -56,7 +56,7 @@ def device():
 
     if LAUNCHED:
         return state().device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def mine(n: int) -> range:
