@@ -4,6 +4,7 @@ own seeded generator, so their files are equal byte for byte. Training sums the 
 process sums its micro-batches one after the other: the same sum in another order, so the adapters agree up to
 float32 rounding (atol 1e-6 on weights of order 1e-2, after a handful of AdamW steps)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,19 @@ def test_only_the_main_process_writes_and_prints(rpo_runs):
     one, two, done = rpo_runs
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))
     assert done.stderr.count("rpo.py: Iterative RPO") == 1 and done.stdout.count("| iteration |") == 1
+
+
+def test_two_processes_resume_a_stopped_run(rpo_runs, tmp_path):
+    _, two, _ = rpo_runs
+    stopped = tmp_path / "run"
+    shutil.copytree(two, stopped)
+    for name in ("iter_1/adapter", "iter_1/train_log.jsonl", "iter_1/eval.json"):  # stopped after the reference
+        path = stopped / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run("rpo.py", RPO, stopped, 2)
+    for name in ("iter_1/samples.jsonl", "iter_1/reference.jsonl", "iter_1/train_log.jsonl", "iter_1/eval.json",
+                 "metrics.jsonl"):
+        assert (stopped / name).read_bytes() == (two / name).read_bytes(), name
 
 
 def test_sdpo_under_two_processes(tmp_path):
