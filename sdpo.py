@@ -27,7 +27,7 @@ heldout_logps.jsonl, eval.json. Written atomically; the same command again resum
 import os
 import random
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import data
 import lm
@@ -50,8 +50,9 @@ class Config(lm.Config):
     data: list[str] = arg([], "preference files (JSONL/Parquet: prompt, chosen, rejected; strings or chat "
                           "messages), e.g. the pairs.jsonl of an rpo.py run; with --split given, one file per step")
     steps: int = arg(2, "T, the number of steps [2: OpenOrca, then UltraFeedback]; 1 = plain DPO on all data", min=1)
-    split: str = arg("random", "how D is cut into steps: given (one file a step), random (equal chunks, the "
-                     "paper's stratified control) or easy-to-hard (by M_0's γ_ref)", choices=SPLITS)
+    split: str = arg("auto", "how D is cut into steps: given (one file a step, in their order: the paper's method), "
+                     "random (equal chunks: the paper's stratified control), easy-to-hard (by M_0's γ_ref); auto: "
+                     "given for several files, random for one", choices=("auto",) + SPLITS)
     heldout: int = arg(32, "pairs held out (fixed, drawn before splitting) for γ_ref and preference accuracy", min=1)
     task_config: str = arg("", "config.json of the rpo.py run whose test split measures task accuracy after each "
                            "step; default: found beside pairs.jsonl files written by rpo.py")
@@ -149,6 +150,8 @@ def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t:
 def run(cfg: Config) -> list:
     """sDPO: for t = 1 … T, reference = M_{t-1}, target initialised from M_{t-1}, DPO on chunk D_t."""
     lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    if cfg.split == "auto":
+        cfg = replace(cfg, split="given" if len(cfg.data) > 1 else "random")
     pairs, files = load_pairs(cfg)
     task = rpo_task(cfg)
     out = RunDir(cfg, "sdpo.py", "step")

@@ -127,3 +127,13 @@ def test_an_rpo_run_directory_is_named_as_such(full_run, tmp_path):
     out, _ = full_run
     with pytest.raises(SystemExit, match=r"holds a run of rpo\.py, not of sdpo\.py; give sdpo\.py its own --out$"):
         sdpo.run(config(tmp_path, [write_pairs(tmp_path / "p.jsonl", 12)], out=str(out), steps=1))
+
+
+def test_several_files_are_steps_in_their_order_by_default(tmp_path):
+    files = [write_pairs(tmp_path / "a.jsonl", 10), write_pairs(tmp_path / "b.jsonl", 10, offset=10)]
+    cfg = config(tmp_path, files, heldout=2, epochs=1)
+    assert cfg.split == "auto"
+    sdpo.run(cfg)
+    assert read(str(tmp_path / "run" / "config.json"))["split"] == "given"
+    first = {p["prompt"][0]["content"] for p in read(str(tmp_path / "run" / "step_1" / "pairs.jsonl"))}
+    assert first <= {f"What is {i} + 2?" for i in range(10)}  # step 1 is the first file
