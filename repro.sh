@@ -16,7 +16,7 @@ python rpo.py "${TASK[@]}" --iterations 1 --alpha 0 --samples-from "$OUT/rpo-see
 python rpo.py "${TASK[@]}" --iterations 1 --sft --samples-from "$OUT/rpo-seed0" --out "$OUT/sft-seed0"      # STaR
 # sDPO (2 steps) against DPO on all data at once, on the pairs of the first two iterations
 PAIRS=("$OUT/rpo-seed0/iter_1/pairs.jsonl" "$OUT/rpo-seed0/iter_2/pairs.jsonl")
-python sdpo.py --data "${PAIRS[@]}" --lr 1e-4 --steps 2 --out "$OUT/sdpo-2steps"               # sDPO Table 2
+python sdpo.py --data "${PAIRS[@]}" --lr 1e-4 --steps 2 --split random --out "$OUT/sdpo-2steps"               # sDPO Table 2
 python sdpo.py --data "${PAIRS[@]}" --lr 1e-4 --steps 1 --out "$OUT/sdpo-1step"
 python rpo.py "${TASK[@]}" --iterations 3 --seed 1 --out "$OUT/rpo-seed1"                      # second seed
 

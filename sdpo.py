@@ -52,7 +52,7 @@ class Config(lm.Config):
     steps: int = arg(2, "T, the number of steps [2: OpenOrca, then UltraFeedback]; 1 = plain DPO on all data", min=1)
     split: str = arg("auto", "how D is cut into steps: given (one file a step, in their order: the paper's method), "
                      "random (equal chunks: the paper's stratified control), easy-to-hard (by M_0's γ_ref); auto: "
-                     "given for several files, random for one", choices=("auto",) + SPLITS)
+                     "given when there are as many files as steps, else random", choices=("auto",) + SPLITS)
     heldout: int = arg(32, "pairs held out (fixed, drawn before splitting) for γ_ref and preference accuracy", min=1)
     task_config: str = arg("", "config.json of the rpo.py run whose test split measures task accuracy after each "
                            "step; default: found beside pairs.jsonl files written by rpo.py")
@@ -151,7 +151,7 @@ def run(cfg: Config) -> list:
     """sDPO: for t = 1 … T, reference = M_{t-1}, target initialised from M_{t-1}, DPO on chunk D_t."""
     lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
     if cfg.split == "auto":
-        cfg = replace(cfg, split="given" if len(cfg.data) > 1 else "random")
+        cfg = replace(cfg, split="given" if len(cfg.data) == cfg.steps > 1 else "random")
     pairs, files = load_pairs(cfg)
     task = rpo_task(cfg)
     out = RunDir(cfg, "sdpo.py", "step")

@@ -137,3 +137,5 @@ def test_several_files_are_steps_in_their_order_by_default(tmp_path):
     assert read(str(tmp_path / "run" / "config.json"))["split"] == "given"
     first = {p["prompt"][0]["content"] for p in read(str(tmp_path / "run" / "step_1" / "pairs.jsonl"))}
     assert first <= {f"What is {i} + 2?" for i in range(10)}  # step 1 is the first file
+    one = sdpo.run(config(tmp_path, files, heldout=2, epochs=1, steps=1, out=str(tmp_path / "dpo")))  # all at once
+    assert read(str(tmp_path / "dpo" / "config.json"))["split"] == "random" and one[1]["pairs"] == 18
