@@ -430,8 +430,9 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
             out[r].append(t)
             if not done(out[r]):
                 keep.append(b)
-        progress(step + 1, len(rows) - len(keep) if keep and step < max_new_tokens - 1 else len(rows))
-        if not keep or step == max_new_tokens - 1:
+        last = not keep or step == max_new_tokens - 1  # then every row still in the batch ends here
+        progress(step + 1, len(rows) if last else len(rows) - len(keep))
+        if last:
             break
         if len(keep) < len(rows):  # finished rows leave the batch and the cache
             keep = torch.tensor(keep, device=model.device)

@@ -192,6 +192,7 @@ class RunDir:
         paths = [self.path(t, n) for n in names]
         if os.path.exists(paths[-1]):
             values = [read(p) for p in paths]
+            self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
         else:
             if seed is not None:
                 seed_everything(self.seed, t, seed)
@@ -204,7 +205,6 @@ class RunDir:
                 self.rebuild_metrics()
             dist.barrier()
             self.clock.finished((t, names[-1]), time.time() - start)
-        self.clock.skip((t, names[-1]))
         return values if isinstance(name, tuple) else values[0]
 
     def copy_from(self, source: str, names: list, ignore: set) -> None:
