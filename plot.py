@@ -13,6 +13,7 @@ run's own M_0 on the same test questions, the questions gained and lost and an e
 """
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -97,7 +98,7 @@ def plot_run(folder: str, out: str) -> list:
 
 def plot_together(folders: list, path: str, first: int = 0) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     for color, folder in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], folders):
         config, records = read_run(folder)
         script, beta = config.get("script", "rpo.py"), config["beta"]
@@ -107,19 +108,24 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
         steps = [r for r in records if "loss" in r and "step" in r and keep(r["iteration"])]
         accuracy_lines(axes[0], evals, f"{name} ", maj_alpha=0.6, color=color)
         xs = step_axis(steps)
+        # the raw log π of the step's pairs (the paper's Fig. 3 axis): moves with the pairs drawn for the step
+        axes[1].plot(xs, [r["logps/chosen"] for r in steps], "-", color=color, lw=1, label=f"{name} chosen")
+        axes[1].plot(xs, [r["logps/rejected"] for r in steps], ":", color=color, lw=1, label=f"{name} rejected")
         # rewards / β = log π − log π_ref of the step's pairs: their change since the reference, free of the
         # pair-to-pair spread of the raw log-probs
-        axes[1].plot(xs, [r["rewards/chosen"] / beta for r in steps], "-", color=color, label=f"{name} chosen")
-        axes[1].plot(xs, [r["rewards/rejected"] / beta for r in steps], ":", color=color, label=f"{name} rejected")
-        axes[2].plot(xs, [r["rewards/margins"] / beta for r in steps], "-", color=color, label=name)
+        axes[2].plot(xs, [r["rewards/chosen"] / beta for r in steps], "-", color=color, label=f"{name} chosen")
+        axes[2].plot(xs, [r["rewards/rejected"] / beta for r in steps], ":", color=color, label=f"{name} rejected")
+        axes[3].plot(xs, [r["rewards/margins"] / beta for r in steps], "-", color=color, label=name)
     unit = "step" if script == "sdpo.py" else "iteration"
     axes[0].set(xlabel=unit, ylabel="test accuracy %", title=f"accuracy per {unit}")
     axes[0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    for ax in axes[1:]:
+    for ax in axes[2:]:
         ax.axhline(0, color="grey", lw=0.5)
-    axes[1].set(xlabel="optimizer step", ylabel="log π − log π_ref (summed over response)",
-                title="chosen (solid), rejected (dotted) vs the reference (Fig. 3)")
-    axes[2].set(xlabel="optimizer step", ylabel="(log π − log π_ref)(chosen − rejected)", title="margin")
+    axes[1].set(xlabel="optimizer step", ylabel="log π (summed over response)",
+                title="chosen (solid), rejected (dotted), raw (Fig. 3)")
+    axes[2].set(xlabel="optimizer step", ylabel="log π − log π_ref (summed over response)",
+                title="the same, relative to the reference")
+    axes[3].set(xlabel="optimizer step", ylabel="(log π − log π_ref)(chosen − rejected)", title="margin")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -127,9 +133,45 @@ def plot_together(folders: list, path: str, first: int = 0) -> None:
     plt.close(fig)
 
 
+def gamma_table(folders: list) -> str:
+    """Per sDPO run and step: its pairs, their mean γ_ref under M_{t-1} for each file they came from (the bar the
+    step must beat: arXiv 2403.19270v1, Sec. 2.2), and M_t on the held-out pairs (mean γ, which is the next step's
+    mean γ_ref: Fig. 2; reward accuracy against M_0) and on the test split."""
+    rows = []
+    for folder in folders:
+        config, records = read_run(folder)
+        if config.get("script") != "sdpo.py":
+            continue
+        key = lambda p: json.dumps([p["prompt"], p["chosen"], p["rejected"]])  # noqa: E731
+        names = [os.path.basename(f) for f in config["data"]]
+        if len(set(names)) < len(names):  # e.g. iter_1/pairs.jsonl and iter_2/pairs.jsonl
+            names = [os.path.join(os.path.basename(os.path.dirname(f)), n) for f, n in zip(config["data"], names)]
+        # the files as named at run time, relative to where it ran; a pair from a file not found here: "file not found"
+        source = {key(p): n for f, n in zip(config["data"], names) if os.path.exists(f) for p in read(f)}
+        evals = {index_of(r["folder"]): r for r in records if r.get("stage") == "eval"}
+        name = os.path.basename(os.path.normpath(folder))
+        for t in sorted(evals):
+            e = evals[t]
+            cells = [name, t, "-", "-"]
+            if t:
+                pairs = read(os.path.join(folder, f"step_{t}", "pairs.jsonl"))
+                logps = read(os.path.join(folder, f"step_{t}", "reference.jsonl"))
+                by_file = {}
+                for p, lp in zip(pairs, logps):
+                    by_file.setdefault(source.get(key(p), "file not found"), []).append(lp["chosen"] - lp["rejected"])
+                cells[2:] = [len(pairs), "; ".join(f"{f}: {sum(g) / len(g):.2f} ({len(g)})"
+                                                   for f, g in sorted(by_file.items()))]
+            cells += [f"{e['heldout/gamma_mean']:.2f}", "-" if not t else f"{100 * e['heldout/reward_accuracy']:.1f}",
+                      f"{100 * e['accuracy']:.1f}" if "accuracy" in e else "-"]
+            rows.append(cells)
+    return markdown_table(["run", "step", "pairs", "mean γ_ref under M_{t-1}, by file (pairs)", "held-out mean γ of "
+                           "M_t", "held-out reward acc % vs M_0", "test acc %"], rows) if rows else ""
+
+
 def changes_table(folders: list, first: int = 0) -> str:
     """Per run and iteration (step): greedy accuracy and maj@k on the test split, and the questions it got right
-    that M_0 got wrong (and the reverse), with the sign test's p: paired, so finer than the binomial error bar."""
+    that M_0 got wrong (and the reverse), with the sign test's p: paired, so finer than the binomial error bar;
+    the same against the iteration (step) before."""
     rows = []
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
@@ -138,14 +180,14 @@ def changes_table(folders: list, first: int = 0) -> str:
         evals = [read(p) for p in paths]
         for path, e in zip(paths, evals):
             t = index_of(os.path.basename(os.path.dirname(path)))
-            if first and t > first:
+            if (first and t > first) or "results" not in e:  # sDPO on pairs with no task: no test accuracy
                 continue
-            gained, lost, p = flips(evals[0], e)
             maj = next((f"{100 * v:.1f}" for k, v in e.items() if k.startswith("maj@")), "-")
-            rows.append([name, t, len(e["results"]), f"{100 * e['accuracy']:.1f}", maj] +
-                        (["-", "-", "-"] if t == 0 else [gained, lost, f"{p:.3f}"]))
-    return markdown_table(["run", "iteration/step", "test n", "greedy %", "maj %", "wrong→right vs 0",
-                           "right→wrong vs 0", "sign test p"], rows)
+            versus = ["-", "-"] if t == 0 else ["{} / {} (p = {:.2g})".format(*flips(before, e))
+                                               for before in (evals[0], evals[t - 1])]
+            rows.append([name, t, len(e["results"]), f"{100 * e['accuracy']:.1f}", maj] + versus)
+    return markdown_table(["run", "iteration/step", "test n", "greedy %", "maj %", "vs M_0: gained / lost (sign "
+                           "test)", "vs the one before"], rows)
 
 
 def main(argv=None) -> None:
@@ -159,6 +201,7 @@ def main(argv=None) -> None:
         try:
             plot_together(args.runs, args.out, args.first)
             print(changes_table(args.runs, args.first))
+            print(gamma_table(args.runs))
         except FileNotFoundError as e:
             sys.exit(f"{e.filename}: missing; not a finished run directory")
         print(args.out)

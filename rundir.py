@@ -99,7 +99,8 @@ def config_diff(have: dict, want: dict, ignore=()) -> list:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    seconds = round(seconds)  # before splitting, so that 119.6 s is "2 min 00 s", not "1 min 60 s"
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 class Clock:

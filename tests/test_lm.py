@@ -289,6 +289,12 @@ def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
     assert any(torch.equal(v, seen[2][0]) for v in saved.values())
 
 
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (119.6, "2 min 00 s"),
+                                           (3601, "60 min 01 s")])
+def test_durations_round_before_they_split(seconds, text):
+    assert rundir.duration(seconds) == text
+
+
 def test_the_estimate_of_the_time_left():
     """A stage seen before is expected to take what it took the iteration before; the first of its kind, its
     work at the seconds per token measured so far (scoring a quarter of generating until a scoring stage ran)."""

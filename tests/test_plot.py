@@ -24,6 +24,16 @@ def test_runs_together(full_run, tmp_path, capsys):
     assert table.count(f"| {out.name} | 1 | 4 |") == 2 and f"| {out.name} | 2 |" not in table
 
 
+def test_sdpo_runs_together_give_gamma_ref_by_file(two_steps, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    cfg, _ = two_steps
+    plot.main(["--together", cfg.out, "--out", str(tmp_path / "sdpo.png")])
+    table = capsys.readouterr().out
+    for t in (1, 2):
+        gamma = [r["chosen"] - r["rejected"] for r in rundir.read(f"{cfg.out}/step_{t}/reference.jsonl")]
+        assert f"| p.jsonl: {sum(gamma) / len(gamma):.2f} ({len(gamma)}) |" in table
+
+
 def test_sign_test():
     assert rundir.sign_test(0, 0) == 1.0
     assert rundir.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
