@@ -11,8 +11,8 @@ mkdir -p "$OUT"
 # The demo's setting, pinned: 32 training questions (+ 10 held out to pick checkpoints) of the 87 train
 # expressions, all 120 test expressions (one in 2 belongs to the test split), 96 new tokens, lr 1e-4, two passes
 # over each iteration's pairs, greedy evaluation only.
-TASK=(--model "$MODEL" --arith-ops "+-*" --arith-test-every 2 --n-train 32 --n-test 120 --max-new-tokens 96 --lr 1e-4 --epochs 2
-      --eval-k 0)
+TASK=(--model "$MODEL" --arith-ops "+-*" --arith-test-every 2 --n-train 32 --n-test 120 --max-new-tokens 96
+      --lr 1e-4 --epochs 2 --eval-k 0)
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(nproc) cores" \
      >> "$OUT/times.txt"
 part() {  # part NAME COMMAND...: run it, append its wall time
@@ -42,7 +42,8 @@ part dpo-at-once python sdpo.py --data "${PAIRS[@]}" "${SDPO[@]}" --steps 1 --ou
 part star python rpo.py "${TASK[@]}" --iterations 2 --sft --samples-from "$OUT/rpo-seed0" --out "$OUT/star"
 # 5. Table 1's "1 iteration with 2× data": one iteration from M_0 on as many pairs as rpo-seed0's two iterations
 #    together; M_0 answers few questions right, so all 77 other training questions and up to 8 pairs each
-BOTH=$(python -c "import json,sys; print(sum(json.load(open(f'$OUT/rpo-seed0/iter_{t}/stats.json'))['pairs'] for t in (1, 2)))")
+BOTH=$(python -c "import json; print(sum(json.load(open(f'$OUT/rpo-seed0/iter_{t}/stats.json'))['pairs']
+                                         for t in (1, 2)))")
 part rpo-2x-data python rpo.py "${TASK[@]}" --iterations 1 --n-train 77 --pairs-per-question 8 --max-pairs "$BOTH" \
     --out "$OUT/rpo-2x-data"
 # 6. Table 1 again with seeds 1 and 2 (other training questions, held-out questions and samples)
