@@ -218,9 +218,11 @@ def published_answer(task: str, record: dict) -> str:
 def rewrites(gold: str, task: str, example: dict) -> list:
     """Answers a grader must accept as equal to `gold`: other notations of the same value or choice."""
     out = [gold, f"${gold}$", f"\\boxed{{{gold}}}", f" {gold}.", f"x = {gold}" if "=" not in gold else gold]
+    out += remarks(gold, task)
     if task == "arc":
         text = dict(example["choices"])[gold]
-        return [gold, f"({gold})", f"{gold})", f"{gold}.", f"The answer is {gold}.", f"({gold}) {text}", text]
+        return [gold, f"({gold})", f"{gold})", f"{gold}.", f"The answer is {gold}.", f"({gold}) {text}", text,
+                f"{text} (because it fits best)"] + remarks(gold, task)
     m = re.fullmatch(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", gold)
     if m:  # -\frac{a}{b}: a/b, the sign on the numerator, \dfrac, and the decimal where it is exact
         value = Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1)
@@ -239,16 +241,31 @@ def rewrites(gold: str, task: str, example: dict) -> list:
     return out
 
 
+def remarks(answer: str, task: str, said: str = "") -> list:
+    """`answer` followed by the remarks models write after an answer: in brackets, "= …", a sentence, a reason.
+    `said` goes into the remarks (the gold, for the wrong answers: a remark that names it must not earn a reward)."""
+    said = said or answer
+    out = [f"{answer} (because the steps above give {said})", f"{answer} (= {said})", f"{answer}. That is {said}.",
+           f"{answer}, because the steps above give {said}"]
+    if task in data.NUMERIC_TASKS:
+        out += [f"{answer} = 1 + {said} - 1", f"{answer} apples (since 3 x 4 = 12)"]
+    if task == "math" and "=" not in answer:
+        out.append(f"{answer} = {said}" if said == answer else f"{said} + 0 = {answer}")
+    return out
+
+
 def wrong_answers(gold: str, task: str, example: dict) -> list:
     """Answers a grader must refuse: empty, words, and other values (the gold's neighbours, other choices)."""
     out = ["", " ", "\\text{}", "\\text{wrong}", "none", "x"]
     if task == "arc":
         labels = {label for label, _ in example["choices"]}
-        return out + [label for label in labels if label != gold] + \
-            [text for label, text in example["choices"] if label != gold and text.strip(" .") not in labels]
+        others = [label for label in labels if label != gold]
+        return out + others + [text for label, text in example["choices"] if label != gold and
+                               text.strip(" .") not in labels] + remarks(min(others), task, gold)
     value = data._math_value(data.normalize_math(gold)) if task == "math" else Fraction(gold)
     if value is not None:
         out += [str(value + 1), str(-value) if value else "1", str(value + Fraction(1, 3))]
+        out += remarks(str(value + 1), task, gold)  # a wrong value whose remark names the gold
     if task == "math" and "," in gold and gold[0] not in "([{":
         out.append(gold.rsplit(",", 1)[0])  # a list with a solution missing
     if task == "math" and gold[0] in "([" and "," in gold:

@@ -83,7 +83,9 @@ STEP_TEXT = {
     "-": "Then {name} gives away {n} {item}.",
     "*": "Then the number of {item} {name} has becomes {n} times as many.",
 }
-TEST_EVERY = 5  # by default one expression in 5 belongs to the test split
+# The task's knobs, owned here (rpo.py's --arith-* flags take their defaults from these): two 1-digit numbers and one
+# of + − ×, one expression in 2 in the test split, so that its 120 problems are all scored (docs/LOG.md says why).
+OPERANDS, DIGITS, OPS, TEST_EVERY = 2, 1, "+-*", 2
 
 
 def _split_of(expression: str, test_every: int = TEST_EVERY) -> str:
@@ -94,7 +96,7 @@ def _split_of(expression: str, test_every: int = TEST_EVERY) -> str:
 
 
 def arith_problems(
-    n: int, split: str = "train", seed: int = 0, operands: int = 2, digits: int = 1, ops: str = "+-",
+    n: int, split: str = "train", seed: int = 0, operands: int = OPERANDS, digits: int = DIGITS, ops: str = OPS,
     test_every: int = TEST_EVERY,
 ) -> list[dict]:
     """`n` distinct arithmetic word problems of one split, the same ones for the same arguments.
@@ -272,7 +274,8 @@ def _message_text(value, key: str, where: str, prompt: bool):
 def load_preferences(path: str) -> list[dict]:
     """Preference pairs {prompt, chosen, rejected} from JSONL/Parquet, TRL's standard (strings) or conversational
     (message lists) layout. `prompt` stays a string or a message list; `chosen`/`rejected` become the response
-    strings. The `pairs.jsonl` written by rpo.py is in this layout too.
+    strings. The `pairs.jsonl` written by rpo.py is in this layout too; its `rejected_truncated` (a loser cut off at
+    the token limit) is kept, so that sDPO scores that loser without an EOS, as rpo.py does.
     """
     pairs = []
     for number, record in read_records(path):
@@ -281,6 +284,11 @@ def load_preferences(path: str) -> list[dict]:
                 for key in ("prompt", "chosen", "rejected")}
         for key in ("id", "answer", "task"):
             if key in record:
+                pair[key] = record[key]
+        for key in ("chosen_truncated", "rejected_truncated"):  # cut off at the token limit: scored without an EOS
+            if key in record:
+                if not isinstance(record[key], bool):
+                    raise DataError(f"{where}: field '{key}' should be true or false, got {json.dumps(record[key])}")
                 pair[key] = record[key]
         pairs.append(pair)
     return pairs
@@ -293,7 +301,12 @@ FINAL_RE = re.compile(r"final answer\s*(?:is)?\s*[:：]", re.IGNORECASE)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 # ARC labels are capital letters or digits: "B", "(B)", "B)", "B.", "answer is B". A capital letter that starts a
 # sentence ("A mouse runs ...") is no label, nor is "a" in "answer is a dog".
-LABEL_RE = re.compile(r"^[\s*_\"'\[]*(?:\(\s*([A-Z]|\d{1,2})\s*\)|([A-Z]|\d{1,2})\s*(?:[).:,;-]|$))")
+# A label may be followed by a remark: "B (because ...)", "B = sunlight", "B since ...".
+LABEL_RE = re.compile(r"^[\s*_\"'\[]*(?:\(\s*([A-Z]|\d{1,2})\s*\)|([A-Z]|\d{1,2})(?:\s*(?:[).:,;-]|$)|"
+                      r"\s+(?=[(\[=]|(?:because|since|as)\b)))")
+# A remark after a MATH answer or an ARC choice's text: in brackets starting with "=" or a word ("(= 5 x 4)",
+# "(since ...)"), a new sentence, or a reason ("because ...").
+MATH_REMARK_RE = re.compile(r"\s+\((?:=|[A-Za-z]{2,}\s)|\.\s+[A-Z]|,?\s+(?:because|since|which|where)\s")
 ANSWER_IS_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?\s*([A-Z]|\d{1,2})\s*\)?(?![A-Za-z0-9])")
 
 
@@ -362,6 +375,27 @@ def completion_end(text: str) -> int | None:
     return min(ends) if ends else None
 
 
+# A remark after a numeric answer starts at one of these, after the answer's first digit: a bracket ("20 (= 5 x 4)"),
+# a sentence's end ("20. Tom has ..."; a decimal point has no space after it), a comma and a space (thousands
+# separators have none), or a word that starts a reason ("20 because ...").
+NUMERIC_REMARK_RE = re.compile(r"\s*[(\[]|[.;!?](?=\s|$)|,(?=\s)|\s+(?:because|since|as|which|so|from|by)\b",
+                               re.IGNORECASE)
+NOT_BARE_RE = re.compile(r"[\d+\-*/×÷^]|\bx\b")  # another number or an operation beside a number
+
+
+def numeric_answer(answer: str) -> str:
+    """The part of a numeric answer that states its value: the text before a remark (`NUMERIC_REMARK_RE`), and of
+    "a = b = ..." the last side that is a number alone, with its unit if any: "3 + 4 = 7" → "7", "20 = 5 x 4" →
+    "20", "x = 7 apples" → "7 apples". One candidate only, so writing several values never earns a reward."""
+    text = answer[:MAX_ANSWER_CHARS]
+    digit = re.search(r"\d", text)
+    remark = NUMERIC_REMARK_RE.search(text, digit.end()) if digit else None
+    sides = (text[:remark.start()] if remark else text).split("=")
+    bare = [side for side in sides if (m := NUMBER_RE.search(side)) and
+            not NOT_BARE_RE.search(side[:m.start()] + side[m.end():])]
+    return (bare or sides)[-1]
+
+
 def parse_number(text: str) -> Fraction | None:
     """The first number in `text` as an exact Fraction: commas, `$`, `%` and units dropped, "72.0" = 72,
     "1/2" = 0.5. Numbers of more than MAX_NUMBER_DIGITS digits are not converted (returns None)."""
@@ -385,6 +419,7 @@ def normalize_math(answer: str) -> str:
     s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("\\$", "").replace("$", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
     s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}(?:\^\{?\d\}?)?\s*$", "", s)  # 5 \text{ cm}
+    s = re.sub(r"(?<=\d)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]{2,})*$", "", s)  # a unit in plain words: 20 apples, 5 cm
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"^[a-zA-Z]\s*=", "", s)  # a leading "x ="
     s = s.replace(" ", "").rstrip(".")
@@ -416,13 +451,43 @@ MATH_VERIFY_MAX_CHARS, MATH_VERIFY_MAX_BRACES = 200, 8
 
 def math_verify_equal(predicted: str, gold: str) -> bool:
     """Hugging Face's math-verify (pip install math-verify), which also knows algebraic equivalence (2(k+1) = 2k+2,
-    3√2 = √18), for answers short and shallow enough to parse quickly; False for the rest."""
+    3√2 = √18), for answers short and shallow enough to parse quickly; False for the rest. It is given the answer
+    without its remark (`_math_head`): on "5 (= 4)" against the gold 4, math-verify alone says equal."""
     from math_verify import parse, verify
 
-    answer = predicted[:MATH_VERIFY_MAX_CHARS + 1].strip().rstrip(".").strip().strip("$")
+    answer = _math_head(predicted, gold)[:MATH_VERIFY_MAX_CHARS + 1].strip().rstrip(".").strip().strip("$")
     if len(answer) > MATH_VERIFY_MAX_CHARS or answer.count("{") > MATH_VERIFY_MAX_BRACES or not answer:
         return False
     return bool(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+
+
+def _top_level_sides(answer: str) -> list[str]:
+    """`answer` split at each "=" outside braces, brackets and parentheses."""
+    sides, depth, start = [], 0, 0
+    for i, c in enumerate(answer):
+        depth += (c in "{[(") - (c in "}])")
+        if c == "=" and depth == 0:
+            sides.append(answer[start:i])
+            start = i + 1
+    return sides + [answer[start:]]
+
+
+def _math_head(predicted: str, gold: str) -> str:
+    """The part of a MATH answer that is its value, where a remark follows it: the text before a remark in brackets
+    ("20 (= 5 x 4)", "5 (since ...)"), a sentence ("5. This is ...") or "because ..."; then, unless the gold is an
+    equation, of "a = b" the last side that is a plain number ("2 + 3 = 5" → 5, "20 = 5 \times 4" → 20), else the
+    last side. One candidate only, so an answer that writes several values is judged on one of them."""
+    text = predicted[:MAX_ANSWER_CHARS].strip()
+    remark = MATH_REMARK_RE.search(text, 1)
+    text = text[:remark.start()] if remark else text
+    number = re.match(r"([^(]*?\S)\s+\(", text)  # "20 (5 x 4)": brackets after a plain number; not "(0,9) \cup (9,36)"
+    if number and _math_value(normalize_math(number.group(1))) is not None:
+        text = number.group(1)
+    if len(_top_level_sides(gold)) > 1:
+        return text
+    sides = _top_level_sides(text)
+    valued = [s for s in sides if _math_value(normalize_math(s)) is not None]
+    return (valued or sides)[-1]
 
 
 def _math_equal(a: str, b: str) -> bool:
@@ -436,6 +501,12 @@ def _math_equal(a: str, b: str) -> bool:
 
 
 def _math_match(predicted: str, gold: str) -> bool:
+    """Equal as written, or once the remark after the answer is dropped (`_math_head`)."""
+    head = _math_head(predicted, gold)
+    return _math_match_normalized(predicted, gold) or (head != predicted and _math_match_normalized(head, gold))
+
+
+def _math_match_normalized(predicted: str, gold: str) -> bool:
     a, b = normalize_math(predicted), normalize_math(gold)
     if _math_equal(a, b):
         return True
@@ -467,7 +538,10 @@ def _arc_label(answer: str, choices: list | None = None) -> str | None:
     for named in (ANSWER_IS_RE.findall(answer)[-1:] or [None])[0], match and (match.group(1) or match.group(2)):
         if named and (not labels or named.upper() in labels):  # "13" is a choice's text where the labels are A-D
             return named.upper()
-    for said in dict.fromkeys((answer, re.split(r"(?i)answer\s+is\s*:?", answer)[-1])):  # all, or after "answer is"
+    # The whole answer, what follows "answer is", then the answer without its remark ("sunlight (because ...)"), cut
+    # at the last remark first: a choice's own text may hold "because" or brackets.
+    heads = [answer[:m.start()] for m in reversed(list(MATH_REMARK_RE.finditer(answer, 1)))]
+    for said in dict.fromkeys([answer, re.split(r"(?i)answer\s+is\s*:?", answer)[-1]] + heads):
         said = _words(said)
         for fold in (lambda t: t, str.lower):  # case first: "Rr" and "RR" are different genotypes
             named = [label for label, text in choices or [] if said and fold(_words(text)) == fold(said)]
@@ -486,12 +560,20 @@ def answers_match(predicted: str | None, gold: str, task: str, choices: list | N
     if task == "arc":
         return _arc_label(predicted, choices) == gold.strip().upper()
     if task in NUMERIC_TASKS:
-        predicted = predicted[:MAX_ANSWER_CHARS].rsplit("=", 1)[-1]  # "Final answer: 3 + 4 = 7" -> 7
+        predicted, gold = numeric_answer(predicted), numeric_answer(gold)
         value, gold_value = parse_number(predicted), parse_number(gold)
         if value is None or gold_value is None:
             return predicted.strip() == gold.strip()
         return value == gold_value
     return _math_match(predicted, gold) or (grader == "math-verify" and math_verify_equal(predicted, gold))
+
+
+def same_answer(a: str | None, b: str | None, task: str, choices: list | None = None, grader: str = "builtin") -> bool:
+    """Whether two extracted answers say the same (majority voting): `answers_match` either way round, since it
+    reads its first argument as a model's answer and its second as a gold one."""
+    if a is None or b is None:
+        return False
+    return a == b or answers_match(a, b, task, choices, grader) or answers_match(b, a, task, choices, grader)
 
 
 def judge(completion: str, gold: str, task: str, choices: list | None = None, truncated: bool = False,

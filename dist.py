@@ -1,4 +1,4 @@
-"""Several processes under `accelerate launch`: which process this is, each one's share of the work, and the
+"""Several processes (`accelerate launch`, `torchrun`): which process this is, each one's share of the work, and the
 results gathered back in their order, so that the run directory does not depend on the number of processes.
 
     rank, size       this process and how many there are (0 and 1 without a launcher)
@@ -6,9 +6,12 @@ results gathered back in their order, so that the run directory does not depend 
     gather(done, n)  {index: result} of every process → the n results in order, on every process
     sum_(tensors)    summed over the processes in place (the gradients of a training step, as DDP does)
     main_first(f)    f() on the main process, then on the others (a download or a conversion into a cache)
+    run(f)           f(); a process that fails ends at once, so the others fail at once too instead of waiting
+    broadcast(v)     the main process's v on every process (a decision all must share, such as "stage finished")
 
-Hugging Face Accelerate starts the processes and their process group (`accelerate launch`: gloo on CPUs, NCCL on
-GPUs); this module only asks it where it is. A plain `python rpo.py` never imports accelerate: one process, and
+A launcher starts the processes (`accelerate launch` on GPUs, `torchrun` on CPUs: Accelerate 1.15's `--cpu
+--num_processes P` starts one process) and Accelerate joins their process group (NCCL on GPUs, gloo on CPUs); this
+module only asks it where it is. A plain `python rpo.py` never imports accelerate: one process, and
 every function here is trivial. The main process alone writes files (`rundir.RunDir`) and prints; the others
 are silent but for their errors.
 """
@@ -19,6 +22,7 @@ from collections.abc import Callable
 
 LAUNCHED = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by `accelerate launch` (and torchrun)
 _state = None
+_stderr = sys.stderr  # the real one: the other processes' own is /dev/null
 
 
 def state():
@@ -30,12 +34,33 @@ def state():
             from accelerate import PartialState
         except ImportError:
             sys.exit("several processes (WORLD_SIZE > 1) need Hugging Face Accelerate: pip install accelerate")
-        _state = PartialState()
+        import torch
+
+        # Without CUDA, Accelerate joins the process group (gloo) only when told that this is a CPU run.
+        _state = PartialState(cpu=not torch.cuda.is_available())
         if _state.process_index:
-            real = sys.stderr
             sys.stdout = sys.stderr = open(os.devnull, "w")
-            sys.excepthook = lambda *error: traceback.print_exception(*error, file=real)
+            sys.excepthook = lambda *error: traceback.print_exception(*error, file=_stderr)
     return _state
+
+
+def run(compute: Callable):
+    """compute(), and under a launcher, a process that fails ends at once, with its error in one line (a finished
+    run's own files are already on disk): the others, blocked in a collective with it, then fail there at once
+    too, instead of waiting for a timeout, and say so in one line each."""
+    if not LAUNCHED:
+        return compute()
+    try:
+        return compute()
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        message = e.code if isinstance(e, SystemExit) and isinstance(e.code, str) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, SystemExit):
+            traceback.print_exception(e, file=_stderr)
+        sys.stdout.flush()
+        print(f"process {rank()}: {str(message).splitlines()[0]}", file=_stderr, flush=True)
+        os._exit(1)  # no process-group teardown, which can wait on the others
 
 
 def rank() -> int:
@@ -91,10 +116,31 @@ def barrier() -> None:
 
 
 def main_first(compute: Callable):
-    """compute() on the main process first, then on the others (which then find its result in a cache)."""
+    """compute() on the main process first, then on the others (which then find its result in a cache). If it fails
+    on the main process, the others stop at once with its error instead of waiting for it at a barrier."""
+    if not LAUNCHED:
+        return compute()
     if is_main():
-        result = compute()
-        barrier()
+        try:
+            result = compute()
+        except BaseException as e:
+            broadcast(f"{type(e).__name__}: {e}")
+            raise
+        broadcast(None)
         return result
-    barrier()
+    failed = broadcast(None)
+    if failed:
+        sys.exit(f"the main process failed first: {failed}")
     return compute()
+
+
+def broadcast(value):
+    """The main process's `value`, on every process."""
+    if not LAUNCHED:
+        return value
+    import torch.distributed as torch_dist
+
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+

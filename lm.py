@@ -11,7 +11,9 @@
 
 Both algorithm files import this module; it imports neither.
 """
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 import random
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 import data
 import dist
-from losses import dpo_loss, length_normalized_nll, sequence_logps
+from losses import rpo_loss, sequence_logps
 from rundir import atomic, seed_everything
 
 # Warnings a user can do nothing about: bitsandbytes asks for the `kernels` package (a hub download) for a fast CPU
@@ -81,10 +83,11 @@ class TaskConfig:
     n_train: int = arg(32, "training questions (arith: generated; files: the first n, 0 = all)", min=0)
     n_test: int = arg(120, "test questions (arith: generated, at most 120 for the default knobs, whose test split "
                       "holds 120 distinct problems; files: the first n, 0 = all)", min=0)
-    arith_operands: int = arg(2, "arith: numbers per problem", min=1)
-    arith_digits: int = arg(1, "arith: digits per number", min=1)
-    arith_ops: str = arg("+-*", "arith: operations to draw from, any of '+-*'")
-    arith_test_every: int = arg(2, "arith: one arithmetic expression in this many belongs to the test split", min=2)
+    arith_operands: int = arg(data.OPERANDS, "arith: numbers per problem", min=1)
+    arith_digits: int = arg(data.DIGITS, "arith: digits per number", min=1)
+    arith_ops: str = arg(data.OPS, "arith: operations to draw from, any of '+-*'")
+    arith_test_every: int = arg(data.TEST_EVERY, "arith: one arithmetic expression in this many belongs to the test "
+                                "split", min=2)
     max_new_tokens: int = arg(96, "most tokens sampled per response", min=1)
     sample_batch_size: int = arg(64, "sequences sampled together (prompts × samples per prompt); memory grows with "
                                  "it", min=1)
@@ -345,10 +348,10 @@ def pair_logps(model, batch, share_prompt: bool | None = None):
     if share_prompt:
         cache = DynamicCache(config=model.config)
         first = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=position[0::2, :width_p],
-                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+                      **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
         cache.batch_repeat_interleave(2)  # one copy of the prompt's keys and values per response
         rest = model(input_ids=response, attention_mask=mask, position_ids=position[:, width_p:],
-                     past_key_values=cache, use_cache=True).logits  # (2B, R, V)
+                     **with_cache(model, cache), use_cache=True).logits  # (2B, R, V)
         logits = torch.cat([first.repeat_interleave(2, 0), rest], 1)  # (2B, R + 1, V)
     else:
         ids = torch.cat([prompt.repeat_interleave(2, 0), response], -1)  # (2B, P + R)
@@ -357,6 +360,18 @@ def pair_logps(model, batch, share_prompt: bool | None = None):
     labels = torch.cat([torch.full_like(response[:, :1], -100), response.masked_fill(response_mask == 0, -100)], -1)
     logps, lengths = sequence_logps(logits, labels)  # (2B,), the shift by one happens inside
     return logps[0::2], logps[1::2], lengths[0::2]
+
+
+@functools.cache
+def _cache_argument(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The forward's keyword for a KV cache: `cache` from transformers 5.24 on, which warns about the old name,
+    `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_argument(type(base)): cache}
 
 
 def checkpointing(model) -> bool:
@@ -409,13 +424,13 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
     cache = DynamicCache(config=model.config)
     shared = common_prefix(prompts) if len(prompts) > 1 else 0
     if shared:  # its keys and values, computed once, copied to every prompt's row
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device), past_key_values=cache,
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device), **with_cache(model, cache),
               use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(prompts))
     ids, rest = (t.to(model.device) for t in left_pad([p[shared:] for p in prompts], pad_id))
     mask = torch.cat([rest.new_ones(len(prompts), shared), rest], -1)  # padding between the two parts is masked
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in model.generate
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:], past_key_values=cache,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:], **with_cache(model, cache),
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
     cache.batch_repeat_interleave(n)  # P prompts → P·n rows, row r = sample r % n of prompt r // n
     logits, mask, position = (x.repeat_interleave(n, 0) for x in (logits, mask, position[:, -1:]))
@@ -440,7 +455,7 @@ def generate_ids(model, prompts: list, n: int, temperature: float, max_new_token
             rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
         mask, position = torch.cat([mask, mask.new_ones(len(rows), 1)], -1), position + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+                       **with_cache(model, cache), use_cache=True).logits[:, -1]  # (B, V)
     return out
 
 
@@ -550,10 +565,9 @@ def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, l
             chosen, rejected, lengths = pair_logps(model, collate(encoded, tokenizer.pad_token_id))
             ref_chosen = torch.tensor([reference[i]["chosen"] for i in micro], device=chosen.device)
             ref_rejected = torch.tensor([reference[i]["rejected"] for i in micro], device=chosen.device)
-            dpo, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
-            nll = length_normalized_nll(chosen, lengths)
-            # Eq. 1 (= losses.rpo_loss), assembled from its two terms so that each is computed once and logged
-            losses = nll if sft else dpo + cfg.alpha * nll
+            eq1, chosen_rewards, rejected_rewards, dpo, nll = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,
+                                                                       lengths, cfg.beta, cfg.alpha)  # Eq. 1
+            losses = nll if sft else eq1  # STaR: the NLL term alone
             (losses.sum() / len(indices)).backward()
             values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
                       "rewards/rejected": rejected_rewards,
@@ -639,15 +653,15 @@ def load_task(task: TaskConfig, seed: int, heldout: int = 0):
     return rest[:task.n_train or None], test, shots, [train_examples[i] for i in sorted(held)]
 
 
-def majority(answers: list, task: str):
-    """The most common extracted answer, grouping answers that `data.answers_match` finds equal; ties go to the
-    answer seen first."""
+def majority(answers: list, task: str, choices: list | None = None, grader: str = "builtin"):
+    """The most common extracted answer (maj@k), grouping the answers that `data.same_answer` finds equal (the
+    task's normalisation, either way round, with the run's grader); ties go to the answer seen first."""
     groups = []  # [representative, count]
     for a in answers:
         if a is None:
             continue
         for g in groups:
-            if data.answers_match(a, g[0], task):
+            if data.same_answer(a, g[0], task, choices, grader):
                 g[1] += 1
                 break
         else:
@@ -675,7 +689,8 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
                          task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}")
         for r, ex, outs in zip(results, examples, votes):
             vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"), cut)[0]
-                             for o, cut in outs if not cut], ex["task"])  # a cut-off sample casts no vote
+                             for o, cut in outs if not cut], ex["task"], ex.get("choices"),
+                            task.math_grader)  # a cut-off sample casts no vote
             r["majority"] = vote
             r["majority_correct"] = int(data.answers_match(vote, ex["answer"], ex["task"], ex.get("choices"),
                                                            task.math_grader))

@@ -118,7 +118,7 @@ def rpo_loss(
     chosen_lengths: torch.Tensor,
     beta: float,
     alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO + NLL loss of Iterative RPO, Eq. 1 of arXiv 2404.19733v3:
 
         L_DPO+NLL = L_DPO − α · log M_θ(c_w, y_w|x) / (|c_w| + |y_w|)
@@ -143,10 +143,12 @@ def rpo_loss(
     Returns:
         losses: per-pair L_DPO+NLL. Shape: (batch_size,).
         chosen_rewards, rejected_rewards: as in `dpo_loss`, detached. Shape: (batch_size,).
+        dpo_losses: the DPO term alone, per pair (what is logged as loss/dpo). Shape: (batch_size,).
+        nll_losses: the NLL term alone, per pair, before α (loss/nll; with SFT, the loss). Shape: (batch_size,).
     """
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
-    if alpha:
-        losses = losses + alpha * length_normalized_nll(policy_chosen_logps, chosen_lengths)
-    return losses, chosen_rewards, rejected_rewards
+    nll_losses = length_normalized_nll(policy_chosen_logps, chosen_lengths)
+    losses = dpo_losses + alpha * nll_losses if alpha else dpo_losses  # α = 0: exactly the DPO loss
+    return losses, chosen_rewards, rejected_rewards, dpo_losses, nll_losses

@@ -40,7 +40,10 @@ Where this code departs from the paper, and why:
   - An EOS token is appended to every response scored in training (so the model learns to stop after its answer)
     and is counted in |c_w| + |y_w|, the NLL term's length: one token more than the chain of thought and answer.
   - The gold solution added to the winners (`--add-gold`, GSM8K) is written in the prompt's format: GSM8K's
-    reasoning without its <<calculator>> annotations, then "Final answer: <gold>" in place of "#### <gold>".
+    reasoning without its <<calculator>> annotations, then "Final answer: <gold>" in place of "#### <gold>". It is
+    the first winner of the walk, so every question with a loser pairs it at least once (the paper does not say
+    where it goes; last, it would go unpaired whenever K ≤ the model's own right samples, as with 12 of 30 right
+    at K = 10).
   - Prompts are sent as one user message through the model's chat template when it has one (the paper used
     Llama-2-70B-Chat and does not say how it wrapped the prompt); a model without a template gets the plain text.
   - MATH's 4 fixed shots are the first 4 examples of the training file, which are then not trained on (the paper
@@ -121,7 +124,7 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
 def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list, t: int) -> list:
     """N responses per training question at iteration t's temperature, each with its extracted answer, its reward,
     and whether it was cut off at --max-new-tokens before it ended (then its reward is 0: it gave no answer)."""
-    temperature = cfg.temperatures[min(t, len(cfg.temperatures)) - 1]
+    temperature = sampling_temperature(cfg, t)
     prompts = [lm.task_prompt(tokenizer, ex, shots) for ex in examples]
     completions = lm.generate(model, tokenizer, prompts, cfg.samples_per_question, temperature, cfg.max_new_tokens,
                               cfg.sample_batch_size, f"iter {t}: sample (T={temperature})")
@@ -131,8 +134,13 @@ def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list
             extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated,
                                            cfg.math_grader)
             records.append({"id": ex["id"], "n": n, "prompt": prompt, "completion": text, "extracted": extracted,
-                            "reward": reward, "truncated": truncated})
+                            "reward": reward, "truncated": truncated, "temperature": temperature})
     return records
+
+
+def sampling_temperature(cfg: Config, t: int) -> float:
+    """Iteration t's temperature: --temperatures[t-1], the last one repeating (GSM8K: 0.8, 0.8, 1.3, 1.3)."""
+    return cfg.temperatures[min(t, len(cfg.temperatures)) - 1]
 
 
 # =================================================================================================================
@@ -157,8 +165,8 @@ def make_pairs(winners: list, losers: list, k: int) -> list:
 
 
 def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
-    """(stats, pairs) of iteration t: K pairs per question from its samples (plus the gold solution as a winner
-    with --add-gold), pairs longer than --max-length dropped and counted, the total capped at --max-pairs.
+    """(stats, pairs) of iteration t: K pairs per question from its samples (plus the gold solution as the first
+    winner with --add-gold), pairs longer than --max-length dropped and counted, the total capped at --max-pairs.
     A cut-off sample is never a winner, and as a loser it gets no EOS in training. With --sft (the STaR baseline),
     every winner once, as a pair with an empty rejected response that the NLL term never looks at."""
     by_id = {}
@@ -167,10 +175,9 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
     pairs, too_long = [], 0
     for ex in examples:
         group = by_id.get(ex["id"], [])
-        winners = [s["completion"] for s in group if s["reward"]]
         gold = data.gold_solution(ex) if cfg.add_gold else None
-        if gold:
-            winners.append(gold)
+        # The gold first: the walk starts with it, so it is paired whenever the question has a loser.
+        winners = ([gold] if gold else []) + [s["completion"] for s in group if s["reward"]]
         losers = [(s["completion"], s.get("truncated", False)) for s in group if not s["reward"]]
         made = [(w, ("", False)) for w in winners] if cfg.sft else make_pairs(winners, losers, cfg.pairs_per_question)
         for chosen, (rejected, truncated) in made:

@@ -191,7 +191,8 @@ class RunDir:
         written in order, and the last file marks the stage as finished."""
         names = name if isinstance(name, tuple) else (name,)
         paths = [self.path(t, n) for n in names]
-        if os.path.exists(paths[-1]):
+        # Under a launcher the main process decides for all: the others must not see the file it is about to write.
+        if dist.broadcast(os.path.exists(paths[-1])):
             values = [read(p) for p in paths]
             self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
         else:
@@ -405,7 +406,10 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
     """Parse the flags, run, and turn bad input into one line and a non-zero exit."""
     dist.state()  # under `accelerate launch`: join the process group; the main process alone prints
     cfg = parse_config(config_class, argv, presets, description)
-    try:
-        run(cfg)
-    except data.DataError as e:
-        sys.exit(f"{os.path.basename(run.__code__.co_filename)}: error: {e}")
+
+    def checked():
+        try:
+            run(cfg)
+        except data.DataError as e:
+            sys.exit(f"{os.path.basename(run.__code__.co_filename)}: error: {e}")
+    dist.run(checked)

@@ -65,7 +65,7 @@ def split_steps(pairs: list, files: list, mode: str, steps: int, gammas: list | 
     """Index lists, one per step, that partition range(len(pairs)): nothing lost, nothing repeated.
     `files[i]` is the file pair i came from; `gammas[i]` its γ_ref under M_0 (easy-to-hard only)."""
     indices = list(range(len(pairs)))
-    if mode == "given":
+    if mode == "given":  # the files in the order given (`check_steps`: each has pairs)
         order = list(dict.fromkeys(files))
         return [[i for i in indices if files[i] == f] for f in order]
     if mode == "random":
@@ -105,12 +105,32 @@ def load_pairs(cfg: Config):
         sys.exit("sdpo.py: give the preference data with --data FILE [FILE ...]")
     if cfg.split == "given" and len(cfg.data) != cfg.steps:
         sys.exit(f"sdpo.py: --split given takes one file per step: {len(cfg.data)} files for --steps {cfg.steps}")
+    if cfg.split == "given" and len(set(cfg.data)) < len(cfg.data):
+        sys.exit(f"sdpo.py: --split given takes one file per step, each once: {' '.join(cfg.data)}")
     pairs, files = [], []
     for path in cfg.data:
         loaded = data.load_preferences(path)
         pairs += loaded
         files += [path] * len(loaded)
     return pairs, files
+
+
+def check_steps(cfg: Config, files: list, keep: set, held: set, pool: list) -> None:
+    """DataError unless every step gets pairs to train on: with --split given, a file whose pairs were all dropped
+    (longer than --max-length) or drawn into --heldout is named."""
+    if cfg.split != "given":
+        if len(pool) < cfg.steps:
+            raise data.DataError(f"--steps {cfg.steps}: only {len(pool)} pairs are left to train on after --heldout "
+                                 f"{cfg.heldout}; give more pairs, fewer steps or a smaller --heldout")
+        return
+    left = {files[i] for i in pool}
+    for t, path in enumerate(cfg.data, start=1):
+        if path not in left:
+            mine = [i for i, f in enumerate(files) if f == path]
+            raise data.DataError(
+                f"{path}: none of its {len(mine)} pairs is left for step {t} ({sum(i not in keep for i in mine)} "
+                f"longer than --max-length {cfg.max_length}, {sum(i in held for i in mine)} drawn into --heldout "
+                f"{cfg.heldout}); give a larger --max-length, a smaller --heldout, or another --split")
 
 
 def rpo_task(cfg: Config):
@@ -164,8 +184,9 @@ def run(cfg: Config) -> list:
     if len(keep) <= cfg.heldout:
         sys.exit(f"sdpo.py: {len(keep)} pairs are too few for --heldout {cfg.heldout} and training")
     held = set(random.Random(f"{cfg.seed}-heldout").sample(keep, cfg.heldout))
-    heldout = out.stage(None, "heldout.jsonl", lambda: [pairs[i] for i in keep if i in held])
     pool = [i for i in keep if i not in held]
+    check_steps(cfg, files, set(keep), held, pool)  # every step has pairs, or one line before any work
+    heldout = out.stage(None, "heldout.jsonl", lambda: [pairs[i] for i in keep if i in held])
     out.expect(plan(cfg, task, [pairs[i] for i in pool], len(held)))
     initial = out.stage(0, "heldout_logps.jsonl",                                             # M_0 on the held-out
                         lambda: lm.reference_logps(model, tokenizer, heldout, cfg, "M_0 held-out"))

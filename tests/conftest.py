@@ -15,7 +15,7 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def tiny_config(out, **kw):
     base = dict(model="tiny-random", out=str(out), n_train=6, n_test=4, samples_per_question=4, pairs_per_question=2,
                 max_new_tokens=12, add_gold=True, eval_k=2, batch_size=2, grad_accum=2, lr=1e-3, iterations=2,
-                sample_batch_size=8)
+                sample_batch_size=8, temperatures=[0.8, 1.3])
     return rpo.Config(**{**base, **kw})
 
 

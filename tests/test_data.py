@@ -129,8 +129,8 @@ def test_arith_test_every_sets_the_share_of_expressions_and_keeps_splits_disjoin
     assert not {p["solution"] for p in train} & {p["solution"] for p in test}
     with pytest.raises(ValueError, match="only 120 distinct test problems"):
         arith_problems(121, "test", **kw)
-    with pytest.raises(ValueError, match="only 25 distinct test problems"):  # the default split: one in 5
-        arith_problems(26, "test", operands=2, digits=1, ops="+-")
+    with pytest.raises(ValueError, match="only 25 distinct test problems"):  # one in 5, + and − alone
+        arith_problems(26, "test", operands=2, digits=1, ops="+-", test_every=5)
 
 
 def test_arith_too_many_asked():
@@ -314,3 +314,78 @@ def test_math_verify_grader_adds_algebraic_equivalence(answer, gold, want):
     assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == (want and answer in (
         "x = \\text{Evelyn}",))  # the built-in grader: notation only
     assert data.judge(f"So.\nFinal answer: {answer}", gold, "math", grader="math-verify")[1] == want
+
+
+# --- a right answer followed by a remark earns its reward; a wrong one never does, whatever its remark names -------
+
+REMARKS = ["{a} (= 5 x 4)", "{a} (because 5 x 4 = {g})", "{a} (5 x 4)", "{a} = 5 x 4", "{a}. Tom has {g} apples now.",
+           "{a}, because 5 x 4 = {g}", "{a} apples (since 4 x 5 = {g})", "{a} because 4 x 5 = {g}"]
+
+
+@pytest.mark.parametrize("remark", REMARKS)
+@pytest.mark.parametrize("task", ["gsm8k", "arith", "math"])
+def test_a_remark_after_the_answer_keeps_the_reward(task, remark):
+    assert exact_match_reward("So.\nFinal answer: " + remark.format(a="20", g="20"), "20", task) == 1
+    assert exact_match_reward("So.\nFinal answer: " + remark.format(a="21", g="20"), "20", task) == 0
+
+
+@pytest.mark.parametrize("answer, gold, want", [
+    ("3 + 4 = 7", "7", 1), ("20 = 21", "20", 0), ("21 = 20 + 1", "20", 0), ("x = 20 apples", "20", 1),
+    ("$1,234.", "1234", 1), ("72.5 dollars, not 70", "72.5", 1), ("21, not 20", "20", 0), ("1 = 2 = 3", "2", 0),
+])
+def test_of_several_values_one_is_judged(answer, gold, want):
+    assert exact_match_reward(f"Final answer: {answer}", gold, "gsm8k") == want
+
+
+@pytest.mark.parametrize("answer, gold, want", [
+    ("\\frac{1}{2} (= 0.5)", "\\frac{1}{2}", 1), ("2 + 3 = 5", "5", 1), ("20 = 5 \\times 4", "20", 1),
+    ("20 = 21", "20", 0), ("\\frac{1}{2} = 0.5", "\\frac{1}{2}", 1), ("5. This is the answer.", "5", 1),
+    ("0", "5x - 7y + 11z + 4 = 0", 0),  # a gold that is an equation is never read as its right-hand side
+    ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4 = 0", 1), ("(0,9) \\cup (9,36)", "(0,9) \\cup (9,36)", 1),
+])
+def test_math_remarks_and_equations(answer, gold, want):
+    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == want
+
+
+@pytest.mark.parametrize("answer, want", [
+    ("B (because plants need light)", 1), ("B = sunlight", 1), ("(B) (= sunlight)", 1), ("B since it shines", 1),
+    ("sunlight (because plants need it)", 1), ("B. Plants need light.", 1), ("A (because of sunlight)", 0),
+    ("a plant needs light (not sunlight)", 0),
+])
+def test_arc_remarks_after_a_label_or_a_choice(answer, want):
+    assert exact_match_reward(f"Final answer: {answer}", "B", "arc", CHOICES) == want
+
+
+def test_a_remark_does_not_fool_math_verify():
+    """math-verify alone reads "5 (= 4)" as equal to 4; the grader is given the answer without its remark."""
+    pytest.importorskip("math_verify")
+    assert data.judge("Final answer: 5 (= 4)", "4", "math", grader="math-verify")[1] == 0
+    assert data.judge("Final answer: 4 (= 2 + 2)", "4", "math", grader="math-verify")[1] == 1
+
+
+# --- majority voting (maj@k): equal answers grouped whatever their order and form ----------------------------------
+
+def test_same_answer_is_symmetric():
+    assert data.answers_match("3 + 4 = 7", "7", "gsm8k") and data.same_answer("7", "3 + 4 = 7", "gsm8k")
+    assert data.same_answer("x = 5", "5", "math") and data.same_answer("5", "x = 5", "math")
+    assert not data.same_answer("7", "8", "gsm8k") and not data.same_answer(None, "7", "gsm8k")
+
+
+def test_preferences_keep_a_loser_cut_off_at_the_token_limit(tmp_path):
+    path = write(tmp_path, "p.jsonl", [{"prompt": "P", "chosen": "c", "rejected": "r", "rejected_truncated": True},
+                                       {"prompt": "P", "chosen": "c", "rejected": "r", "rejected_truncated": "yes"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: field 'rejected_truncated' should be true or false"):
+        data.load_preferences(path)
+    path = write(tmp_path, "q.jsonl", [{"prompt": "P", "chosen": "c", "rejected": "r", "rejected_truncated": True}])
+    assert data.load_preferences(path)[0]["rejected_truncated"] is True
+
+
+def test_the_arith_defaults_are_the_flags_defaults():
+    import lm
+
+    task = lm.TaskConfig()
+    assert (task.arith_operands, task.arith_digits, task.arith_ops, task.arith_test_every) == \
+        (data.OPERANDS, data.DIGITS, data.OPS, data.TEST_EVERY)
+    assert arith_problems(5, "test") == arith_problems(5, "test", operands=task.arith_operands,
+                                                       digits=task.arith_digits, ops=task.arith_ops,
+                                                       test_every=task.arith_test_every)

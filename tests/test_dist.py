@@ -1,8 +1,9 @@
-"""rpo.py and sdpo.py under `accelerate launch` with two CPU processes (gloo) on the tiny random Llama: the same run
-directory as one process. Sampling, the reference pass and evaluation share out whole batches, each drawn from its
-own seeded generator, so their files are equal byte for byte. Training sums the two processes' gradients where one
-process sums its micro-batches one after the other: the same sum in another order, so the adapters agree up to
-float32 rounding (atol 1e-6 on weights of order 1e-2, after a handful of AdamW steps)."""
+"""rpo.py and sdpo.py with two CPU processes (gloo) on the tiny random Llama: the same run directory as one process.
+Sampling, the reference pass and evaluation share out whole batches, each drawn from its own seeded generator, so
+their files are equal byte for byte. Training sums the two processes' gradients where one process sums its
+micro-batches one after the other: the same sum in another order, so the adapters agree up to float32 rounding
+(atol 1e-5 on weights of order 1e-2, after a handful of AdamW steps at lr 3e-3: Adam divides a gradient by its own
+size, so an entry near zero turns a rounding difference into a visible one; 1.2e-6 was seen)."""
 import os
 import shutil
 import subprocess
@@ -19,12 +20,17 @@ RPO = ["--model", "tiny-random", "--n-train", "6", "--n-test", "4", "--samples",
        "--iterations", "1", "--sample-batch-size", "8", "--heldout-questions", "2"]
 
 
+# Two CPU processes through torch's own launcher (torchrun), which `accelerate launch --multi_gpu` also uses: the
+# `--cpu --num_processes 2` of Accelerate 1.15 starts one process (several CPU processes need its mpirun set-up).
+def launcher(processes):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+
+
 def run(script, flags, out, processes):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else \
-        [sys.executable]
+    launcher_ = launcher(processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
-    done = subprocess.run(launcher + [script, *flags, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run(launcher_ + [script, *flags, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -40,7 +46,7 @@ def assert_same_adapter(one, two):
     a, b = adapter_weights(one), adapter_weights(two)
     assert a.keys() == b.keys()
     for name in a:
-        assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +103,17 @@ def test_sdpo_under_two_processes(tmp_path):
     for name in ("heldout.jsonl", "step_0/heldout_logps.jsonl", "step_1/pairs.jsonl", "step_1/reference.jsonl"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert_same_adapter(tmp_path / "one" / "step_2" / "adapter", tmp_path / "two" / "step_2" / "adapter")
+
+
+def test_a_failure_in_main_first_ends_the_others_with_its_error(tmp_path):
+    """The main process fails while the others wait for it (a model conversion, say): they stop at once, naming
+    its error, instead of waiting at a barrier for the launcher's timeout."""
+    pytest.importorskip("accelerate")
+    script = tmp_path / "fail.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport dist\n\n\ndef convert():\n"
+                      "    if dist.is_main():\n        raise RuntimeError('conversion failed')\n\n\n"
+                      "dist.state()\ndist.run(lambda: dist.main_first(convert))\n")
+    done = subprocess.run(launcher(2) + [str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "process 1: the main process failed first: RuntimeError: conversion failed" in done.stderr, done.stderr

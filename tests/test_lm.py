@@ -318,3 +318,70 @@ def test_the_sampler_reports_every_row_that_ends_once():
                            done=lambda tokens: len(tokens) >= 3,
                            progress=lambda step, n: (steps.append(step), ended.append(n)))
     assert sum(ended) == len(rows) == 6 and steps == list(range(1, len(steps) + 1))
+
+
+def test_training_trains_the_loss_users_copy(tmp_path, monkeypatch):
+    """lm.train computes Eq. 1 by calling losses.rpo_loss, the function the README tells users to copy."""
+    returned = []
+
+    def spy(*args):
+        out = rpo_loss(*args)
+        returned.append(out[0].detach())
+        return out
+
+    monkeypatch.setattr(lm, "rpo_loss", spy)
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = lm.load_model(cfg)
+    pairs = some_pairs(4)
+    records = lm.train(model, tokenizer, pairs, lm.reference_logps(model, tokenizer, pairs, cfg, "ref"), cfg, 1,
+                       lambda r: None)
+    assert len(returned) == 4  # one call per micro-batch of 2 pairs, two steps
+    assert records[0]["loss"] == pytest.approx(torch.cat(returned[:2]).mean().item(), abs=1e-6)
+
+
+def test_the_forward_calls_warn_about_no_deprecated_argument():
+    """transformers 5.24 renamed past_key_values to cache and warns at every forward that passes the old name."""
+    import warnings
+
+    model, tokenizer = lm.tiny_random()
+    batch = lm.collate([lm.encode_pair(tokenizer, p, 512) for p in some_pairs(2)], tokenizer.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm.generate_ids(model, [[5, 6, 7], [5, 6, 8, 9]], 2, 0.8, 3, 2, 2)
+        lm.pair_logps(model, batch, share_prompt=True)
+
+
+# --- maj@k --------------------------------------------------------------------------------------------------------
+
+def test_majority_counts_equal_answers_whatever_their_order_and_form():
+    import itertools
+
+    import data
+
+    for votes in set(itertools.permutations(["3 + 4 = 7", "8", "8", "7", "x = 7"])):  # 7 has three votes, 8 two
+        assert data.answers_match(lm.majority(list(votes), "gsm8k"), "7", "gsm8k"), votes
+    assert lm.majority(["8", "3 + 4 = 7", "8", None, "7"], "gsm8k") == "8"  # a tie goes to the answer seen first
+    assert lm.majority([None, None], "gsm8k") is None
+
+
+def test_majority_groups_math_votes_with_the_runs_grader():
+    pytest.importorskip("math_verify")
+    votes = ["2(k+1)", "2k+3", "2k+2", "2k+3", "2(1+k)"]  # 2k+3 twice; 2k+2 three ways, equal only by algebra
+    assert lm.majority(votes, "math") == "2k+3"
+    assert lm.majority(votes, "math", grader="math-verify") == "2(k+1)"
+
+
+def test_evaluate_votes_with_the_runs_grader(monkeypatch):
+    pytest.importorskip("math_verify")
+    votes = ["2(k+1)", "2k+3", "2k+2", "2k+3", "2(1+k)"]
+
+    def sampled(model, tokenizer, prompts, n, *args, **kwargs):  # greedy: one answer; maj@5: the votes
+        return [[(f"So.\nFinal answer: {v}", False) for v in (votes if n > 1 else ["2k+3"])] for _ in prompts]
+
+    monkeypatch.setattr(lm, "generate", sampled)
+    _, tokenizer = lm.tiny_random()
+    example = {"id": "m", "task": "math", "question": "2k + 2 = ?", "answer": "2k+2", "solution": None}
+    for grader, right in (("builtin", 0), ("math-verify", 1)):
+        task = lm.TaskConfig(task="math", eval_k=5, math_grader=grader)
+        result = lm.evaluate(None, tokenizer, task, [example], [], 0, "test")
+        assert result["results"][0]["majority_correct"] == right and result["maj@5"] == right, grader

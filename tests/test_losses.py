@@ -30,9 +30,11 @@ def test_policy_equals_reference_gives_log2_and_zero_rewards():
 def test_rpo_hand_computed():
     # DPO part: β=0.1, margin 0.1·[(−10+12) − (−20+18)] = 0.4; NLL: 10/5 = 2; α = 0.5 → log(1+e^−0.4) + 1
     pc, pr, rc, rr = four([-10.0], [-20.0], [-12.0], [-18.0])
-    losses, cr, rj = rpo_loss(pc, pr, rc, rr, torch.tensor([5]), beta=0.1, alpha=0.5)
+    losses, cr, rj, dpo, nll = rpo_loss(pc, pr, rc, rr, torch.tensor([5]), beta=0.1, alpha=0.5)
     assert losses.item() == pytest.approx(math.log1p(math.exp(-0.4)) + 1.0, abs=1e-6)
     assert cr.item() == pytest.approx(0.2) and rj.item() == pytest.approx(-0.2)
+    # the two terms it logs: DPO alone, and the NLL term before α
+    assert dpo.item() == pytest.approx(math.log1p(math.exp(-0.4)), abs=1e-6) and nll.item() == pytest.approx(2.0)
 
 
 def test_nll_is_per_sequence_length_normalised():
@@ -44,13 +46,14 @@ def test_alpha_zero_is_exactly_dpo():
     args = [torch.randn(7) * 50 for _ in range(4)]
     rpo = rpo_loss(*args, torch.randint(1, 100, (7,)), beta=0.1, alpha=0.0)
     dpo = dpo_loss(*args, beta=0.1)
-    for a, b in zip(rpo, dpo):
+    for a, b in zip(rpo[:3], dpo):
         assert torch.equal(a, b)
+    assert torch.equal(rpo[3], dpo[0])
 
 
 def test_rewards_are_detached():
     pc, pr, rc, rr = four([-1.0], [-2.0], [-1.5], [-1.5], grad=True)
-    _, cr, rj = rpo_loss(pc, pr, rc, rr, torch.tensor([3]), beta=0.1, alpha=1.0)
+    _, cr, rj, _, _ = rpo_loss(pc, pr, rc, rr, torch.tensor([3]), beta=0.1, alpha=1.0)
     assert not cr.requires_grad and not rj.requires_grad
 
 
@@ -58,7 +61,7 @@ def test_gradients_equal_analytic():
     beta, alpha, length = 0.3, 0.7, 4.0
     pc, pr = four([-5.0], [-6.0], grad=True)
     rc, rr = four([-5.5], [-5.0])
-    losses, _, _ = rpo_loss(pc, pr, rc, rr, torch.tensor([4]), beta=beta, alpha=alpha)
+    losses = rpo_loss(pc, pr, rc, rr, torch.tensor([4]), beta=beta, alpha=alpha)[0]
     losses.sum().backward()
     z = beta * ((-5.0 + 5.5) - (-6.0 + 5.0))
     s = 1 / (1 + math.exp(z))  # σ(−z) = −d/dz log σ(z)
@@ -79,7 +82,7 @@ def test_float32_equals_float64():
 @pytest.mark.parametrize("margin", [1e4, -1e4, 1e6, -1e6])
 def test_extreme_margins_stay_finite(margin):
     pc, pr, rc, rr = four([margin], [0.0], [0.0], [0.0], grad=True)
-    losses, _, _ = rpo_loss(pc, pr, rc, rr, torch.tensor([10]), beta=1.0, alpha=1.0)
+    losses = rpo_loss(pc, pr, rc, rr, torch.tensor([10]), beta=1.0, alpha=1.0)[0]
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all()
     expected = max(-margin, 0.0) - margin / 10  # softplus(−m) ≈ max(−m, 0), NLL = −m/10

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 from conftest import DATA, snapshot, tiny_config
@@ -323,3 +324,30 @@ def test_a_finished_run_continues_with_more_iterations(full_run, tmp_path):
     rpo.run(tiny_config(tmp_path / "run", iterations=1))
     rpo.run(tiny_config(tmp_path / "run", iterations=2))  # the same run directory, one iteration more
     assert snapshot(tmp_path / "run") == snapshot(out)
+
+
+def test_the_gold_solution_is_paired_even_when_the_model_is_often_right(tmp_path):
+    """12 right and 18 wrong samples, K = 10: the gold is the first winner of the walk, so it is paired."""
+    cfg = tiny_config(tmp_path, pairs_per_question=10, add_gold=True)
+    _, tokenizer = lm.tiny_random()
+    example = {"id": "q", "task": "arith", "question": "3 + 4?", "answer": "7", "solution": "3 + 4 = 7."}
+    samples = [{"id": "q", "prompt": "P", "completion": f"Try {i}: 3 + 4 = 7.\nFinal answer: 7", "reward": 1}
+               for i in range(12)] + [{"id": "q", "prompt": "P", "completion": f"It is {i}", "reward": 0}
+                                      for i in range(18)]
+    _, pairs = rpo.pair_up(tokenizer, cfg, samples, [example], 1)
+    chosen = [p["chosen"] for p in pairs]
+    assert len(pairs) == 10 and chosen.count(data.gold_solution(example)) == 1
+    _, pairs = rpo.pair_up(tokenizer, replace(cfg, add_gold=False), samples, [example], 1)
+    assert data.gold_solution(example) not in [p["chosen"] for p in pairs]
+
+
+def test_each_iteration_samples_at_its_temperature(full_run):
+    out, _ = full_run
+    cfg = tiny_config(out)
+    for t, want in ((1, 0.8), (2, 1.3)):  # tiny_config's schedule: 0.8, then 1.3
+        assert {s["temperature"] for s in read(str(out / f"iter_{t}" / "samples.jsonl"))} == {want}
+        assert rpo.sampling_temperature(cfg, t) == want
+    assert [rpo.sampling_temperature(rpo.Config(), t) for t in range(1, 6)] == [0.8, 0.8, 1.3, 1.3, 1.3]
+    for preset, want in (("gsm8k-7b", [0.8, 0.8, 1.3, 1.3]), ("arc-7b", [0.8, 0.8, 1.3]), ("math-7b", [0.8, 0.8, 1.0])):
+        cfg = rundir.parse_config(rpo.Config, ["--preset", preset], rpo.PRESETS)
+        assert [rpo.sampling_temperature(cfg, t) for t in range(1, cfg.iterations + 1)] == want, preset

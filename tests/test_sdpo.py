@@ -1,10 +1,12 @@
 """sdpo.py on a tiny random Llama: two steps end to end, the moving reference, --steps 1 = DPO, splits, resume."""
+import json
 import shutil
 
 import pytest
 import torch
 from conftest import sdpo_config as config, snapshot, write_pairs
 
+import data
 import lm
 import sdpo
 from rundir import read, seed_everything
@@ -139,3 +141,35 @@ def test_several_files_are_steps_in_their_order_by_default(tmp_path):
     assert first <= {f"What is {i} + 2?" for i in range(10)}  # step 1 is the first file
     one = sdpo.run(config(tmp_path, files, heldout=2, epochs=1, steps=1, out=str(tmp_path / "dpo")))  # all at once
     assert read(str(tmp_path / "dpo" / "config.json"))["split"] == "random" and one[1]["pairs"] == 18
+
+
+def test_a_loser_cut_off_in_rpo_is_scored_without_eos_in_sdpo_too(full_run, tmp_path):
+    """The same pairs, the same tokens: rpo.py scored a cut-off loser without the EOS it never wrote, and so does
+    sDPO on rpo.py's pairs.jsonl; the reference log-probs of step 1 (M_0) equal rpo.py's of iteration 1 (M_0)."""
+    out, _ = full_run
+    pairs = data.load_preferences(str(out / "iter_1" / "pairs.jsonl"))
+    cut = [p for p in pairs if p.get("rejected_truncated")]
+    _, tokenizer = lm.tiny_random()
+    assert cut and all(lm.encode_pair(tokenizer, p, 512)[2][-1] != tokenizer.eos_token_id for p in cut)
+    cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl")], steps=1, heldout=2, epochs=1)
+    sdpo.run(cfg)
+    theirs = {(json.dumps(p["prompt"]), p["chosen"], p["rejected"]): r for p, r in zip(
+        read(str(out / "iter_1" / "pairs.jsonl")), read(str(out / "iter_1" / "reference.jsonl")))}
+    chunk, reference = read(f"{cfg.out}/step_1/pairs.jsonl"), read(f"{cfg.out}/step_1/reference.jsonl")
+    assert any(p.get("rejected_truncated") for p in chunk)
+    for p, r in zip(chunk, reference):
+        want = theirs[(json.dumps(p["prompt"]), p["chosen"], p["rejected"])]
+        assert r["rejected"] == pytest.approx(want["rejected"], abs=1e-4)
+
+
+def test_a_given_file_left_without_pairs_is_named_before_any_work(tmp_path):
+    short = write_pairs(tmp_path / "short.jsonl", 8)
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "Q", "chosen": "x" * 400, "rejected": "y"}) + "\n"
+                            for _ in range(3)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"long\.jsonl: none of its 3 pairs is left for step 2 \(3 longer than "
+                                         r"--max-length 256, 0 drawn into --heldout 2\)"):
+        sdpo.main(["--data", short, str(long), "--model", "tiny-random", "--max-length", "256", "--heldout", "2",
+                   "--out", str(out)])
+    assert not out.exists()
