@@ -4,7 +4,9 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
     python bench.py sample                 # the loop's sampling stage vs plain model.generate (SmolLM2-135M)
     python bench.py train                  # our DPO+NLL step vs TRL's DPOTrainer (pip install ".[bench]")
     python bench.py reward                 # the reward on the published GSM8K, MATH-500 and ARC files
-    python bench.py gpu-7b                 # Llama-2-7B-shaped random model, NF4 + LoRA r=16: memory, step, sampling
+    python bench.py plan                   # the memory plan of the 7B presets' stages, computed from the config
+    python bench.py memory                 # the plan against the KV cache a CPU run holds (SmolLM2)
+    python bench_gpu.py                    # on a GPU: the 7B presets' stages under 24 and 12 GiB caps, measured
 
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
 """
@@ -25,7 +27,8 @@ import torch
 
 import data
 import lm
-from losses import rpo_loss
+import memory
+import training
 from rundir import markdown_table
 
 
@@ -168,8 +171,8 @@ def train_side(args) -> None:
 def ours_pass(cfg, pairs) -> float:
     model, tokenizer = lm.load_model(cfg)
     start = time.time()
-    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
-    lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
+    training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
     return time.time() - start
 
 
@@ -344,60 +347,151 @@ def bench_reward(args) -> None:
 
 
 # =================================================================================================================
+# Memory: the plan of the 7B presets (computed from the config alone), and the plan against what a run holds (CPU)
 
-def bench_gpu_7b(args) -> None:
-    """A Llama-2-7B-shaped model (random weights: speed and memory do not depend on the values) in 4-bit NF4 with
-    LoRA r=16 on all linear layers and gradient checkpointing: one training step per length, then sampling."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def llama2_7b_config():
+    """Llama-2-7B's shape (its published config.json), built here: nothing is downloaded."""
+    from transformers import LlamaConfig
 
-    if not torch.cuda.is_available():
-        sys.exit("bench.py gpu-7b needs a CUDA GPU")
-    path = os.path.join(lm.CACHE, "llama-2-7b-shape")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        shape = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-        with torch.device("cuda"):
-            LlamaForCausalLM(shape).to(torch.bfloat16).save_pretrained(path)
-        lm.tiny_random()[1].save_pretrained(path)  # any tokenizer: the benchmark feeds token ids
-        torch.cuda.empty_cache()
-    cfg = lm.Config(model=path, load_in_4bit=True, gradient_checkpointing=True, batch_size=1, grad_accum=1)
-    model, _ = lm.load_model(cfg)
-    rows = [["weights (NF4) + LoRA", "-", f"{torch.cuda.memory_allocated() / 2**30:.2f}", "-"]]
-    optimizer = lm.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5)
-    for length in args.lengths:
-        torch.cuda.reset_peak_memory_stats()
-        prompt, response = [5] * 100, [7] * (length - 101)
-        batch = lm.collate([(prompt, response + [2], [9] * len(response) + [2])], 2)
-        model.train()
-        times = []
-        for _ in range(args.repeats + 1):
-            torch.cuda.synchronize()
-            start = time.time()
-            chosen, rejected, lengths = lm.pair_logps(model, batch, share_prompt=False)
-            rpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), lengths, 0.1, 1.0)[0].sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.time() - start)
-        step = statistics.median(times[1:])  # the first step warms up kernels
-        rows.append([f"train step, 1 pair of 2×{length}", f"{step:.3f}",
-                     f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{2 * length / step:.0f}"])
-    model.eval()
-    for batch_size in args.sample_batch:
-        torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(3, 250, (batch_size, 128), device="cuda")
-        config = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=True, temperature=0.8, top_k=0,
-                                  top_p=1.0, pad_token_id=2, eos_token_id=2)
-        with torch.no_grad():
-            torch.cuda.synchronize()
-            start = time.time()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            torch.cuda.synchronize()
-        seconds = time.time() - start
-        rows.append([f"sampling, batch {batch_size}, 128 + 256 tokens", f"{seconds:.1f}",
-                     f"{torch.cuda.max_memory_allocated() / 2**30:.2f}", f"{batch_size * 256 / seconds:.0f}"])
-    print(header("Llama-2-7B shape, NF4 + double quantisation, LoRA r=16 all-linear, gradient checkpointing"))
-    print(markdown_table(["what", "seconds", "peak GPU memory GiB", "tokens/s"], rows))
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def qlora_resident(config, lora_r: int) -> int:
+    """Bytes a QLoRA model of this config holds, computed: NF4 linear weights with double-quantised absmax
+    (0.5 + 1/64 + 4/(64·256) bytes a weight), bf16 embeddings and norms, the float32 head (`lm.float32_head`), and
+    float32 LoRA A and B matrices on every linear layer."""
+    hidden, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, \
+        config.vocab_size
+    kv = (config.num_key_value_heads or config.num_attention_heads) * (hidden // config.num_attention_heads)
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inner), (hidden, inner),
+              (inner, hidden)]  # q, k, v, o, gate, up, down: (in, out)
+    weights = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum((i + o) * lora_r for i, o in shapes)
+    return int(weights * (0.5 + 1 / 64 + 4 / (64 * 256))) + vocab * hidden * (2 + 4) + lora * 4 + \
+        (2 * layers + 1) * hidden * 2
+
+
+# The longest prompt of each task in Llama-2 tokens, with the chat template: the figures issue 20 gives (GSM8K and ARC
+# 115-165 tokens, MATH's 4-shot prompt 1,000-1,600). Not measured here: Llama-2's tokenizer cannot be downloaded.
+LONGEST_PROMPT = {"gsm8k": 165, "arc": 165, "math": 1600}
+
+
+def preset_stages(name: str) -> list:
+    """(stage, kind, rows per prompt or None, prompt tokens, new or response tokens, cap) of a preset's stages."""
+    import rpo
+    from rundir import parse_config
+
+    cfg = parse_config(rpo.Config, ["--preset", name], rpo.PRESETS)
+    prompt, new = LONGEST_PROMPT[cfg.task], cfg.max_new_tokens
+    response = min(new + 1, cfg.max_length - prompt)  # a pair over --max-length tokens is dropped
+    return [(f"sampling, N = {cfg.samples_per_question}", "sample", cfg.samples_per_question, prompt, new,
+             cfg.sample_batch_size),
+            ("greedy evaluation", "sample", 1, prompt, new, cfg.sample_batch_size),
+            (f"maj@{cfg.eval_k}", "sample", cfg.eval_k, prompt, new, cfg.sample_batch_size),
+            ("held-out scoring (greedy)", "sample", 1, prompt, new, cfg.sample_batch_size),
+            ("reference pass", "score", None, prompt, response, cfg.batch_size),
+            ("training step", "train", None, prompt, response, cfg.batch_size)]
+
+
+def stage_plan(costs, train_costs, space: int, lora: int, stage: tuple) -> tuple:
+    """(rows, planned peak bytes) of a stage under `space` bytes (the presets score pairs under checkpointing)."""
+    _, kind, n, prompt, new, cap = stage
+    if kind == "sample":
+        rows = memory.sampling_rows(costs, space, prompt, new, n, cap)
+        return rows, memory.sampling_peak(costs, rows, prompt, new, n)
+    c, grad = (train_costs, True) if kind == "train" else (costs, False)
+    space -= 12 * lora if grad else 0  # float32 gradients and AdamW moments
+    rows = memory.scoring_rows(c, space, prompt, new, cap, grad, shared=False)
+    return rows, memory.scoring_peak(c, rows, prompt, new, grad, False) + (12 * lora if grad else 0)
+
+
+def bench_plan(args) -> None:
+    """The rows each stage of the 7B presets plans, and its planned peak, computed from Llama-2-7B's config: NF4
+    base, bf16 activations and cache, float32 head, LoRA r = 16; the budget is the card's memory less the CUDA
+    context and the 1 GiB margin (`--memory-budget`). Beside it, the code before: a fixed batch (the cap) and a
+    float32 KV cache."""
+    config = llama2_7b_config()
+    resident = qlora_resident(config, args.lora_r)
+    now = memory.costs_from_config(config, 2, 4, checkpointing=True)
+    before = memory.costs_from_config(config, 4, 4, checkpointing=True)  # prepare_model_for_kbit_training: float32
+    lora = (qlora_resident(config, args.lora_r) - qlora_resident(config, 0)) // 4
+    rows = []
+    for preset in args.presets:
+        for stage in preset_stages(preset):
+            row = [preset, stage[0], f"{stage[3]} + {stage[4]}"]
+            for card in args.cards:
+                space = int((card - args.context - memory.MARGIN / memory.GiB) * memory.GiB) - resident
+                planned, peak = stage_plan(now, now, space, lora, stage)
+                row += [planned, f"{(resident + peak) / memory.GiB:.1f}"]
+            old = stage[5]
+            _, old_peak = stage_plan(before, before, 10**15, lora, stage[:5] + (old,))
+            row += [old, f"{(resident + old_peak) / memory.GiB:.1f}", "not measured"]
+            rows.append(row)
+    print(header(f"The memory plan of the 7B presets, computed from Llama-2-7B's config (weights {resident / memory.GiB:.2f}"
+                 f" GiB computed, LoRA r = {args.lora_r})"))
+    head = ["preset", "stage", "tokens a row (longest)"]
+    for card in args.cards:
+        head += [f"{card:g} GiB card: rows", "planned peak GiB"]
+    print(markdown_table(head + ["before: rows (fixed)", "before: peak GiB, float32 cache", "GPU: measured"],
+                         rows))
+    print(f"\nComputed, not measured: the budget is each card's memory less {args.context:g} GiB of CUDA context and "
+          "the 1 GiB margin; prompts as long as the longest in LONGEST_PROMPT; the peaks add the weights.")
+
+
+def bench_memory(args) -> None:
+    """The plan against what a run holds, on this machine: the embedded SmolLM2 samples N = 8 rows per question at
+    --memory-budget B; the planned rows and peak beside the KV cache it really held (every layer's keys and values,
+    summed at each step) and the growth of the process's peak resident memory over the stage."""
+    import weakref
+
+    from transformers.cache_utils import DynamicLayer
+
+    model, tokenizer = lm.load_model(lm.Config(model=args.model))
+    prompts = [lm.task_prompt(tokenizer, ex, []) for ex in data.arith_problems(args.questions, "train", seed=1)]
+    longest = max(len(lm.encode_prompt(tokenizer, p)) for p in prompts)
+    costs, layers, peak_cache = memory.costs(model), weakref.WeakKeyDictionary(), [0]
+    real = DynamicLayer.update
+
+    def update(self, key_states, value_states, *rest, **kwargs):  # the cache a run holds, exactly
+        out = real(self, key_states, value_states, *rest, **kwargs)
+        layers[self] = 2 * self.keys.numel() * self.keys.element_size()
+        peak_cache[0] = max(peak_cache[0], sum(layers.values()))
+        return out
+
+    DynamicLayer.update = update
+    lm.generate(model, tokenizer, prompts[:2], 8, 0.8, 8, args.cap, "warm-up")  # first-call allocations, not counted
+    resident, rows = memory.resident(model), []
+    for budget in args.budgets:
+        space = int(budget * memory.GiB) - resident
+        planned = memory.sampling_rows(costs, space, longest, args.new_tokens, 8, args.cap)
+        peak_cache[0], before = 0, rss_reset()
+        stats = {}
+        lm.generate(model, tokenizer, prompts, 8, 0.8, args.new_tokens, args.cap, f"budget {budget}", stats,
+                    memory_budget=budget)
+        grown = rss_peak() - before
+        rows.append([f"{budget:g}", f"{space / 2**20:.0f}", planned,
+                     f"{memory.sampling_peak(costs, planned, longest, args.new_tokens, 8) / 2**20:.0f}",
+                     f"{planned * (longest + args.new_tokens) * costs.cache_token / 2**20:.0f}",
+                     f"{peak_cache[0] / 2**20:.0f}", f"{grown / 2**20:.0f}", f"{stats['kept'] / stats['seconds']:.0f}"])
+    DynamicLayer.update = real
+    print(header(f"The memory plan against a run, {args.model}, {args.questions} prompts × N = 8, up to "
+                 f"{args.new_tokens} new tokens (prompts up to {longest} tokens), cap {args.cap} rows"))
+    print(markdown_table(["--memory-budget GiB", "space for the stage MiB", "rows planned", "planned peak MiB",
+                          "planned cache MiB", "cache held MiB (measured)", "peak RSS growth MiB (measured)",
+                          "tok/s"], rows))
+
+
+def rss_reset() -> int:
+    """Reset the process's peak resident memory (Linux: /proc/self/clear_refs) and return the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_peak()
+
+
+def rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main(argv=None) -> None:
@@ -423,13 +517,20 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=DATA, help="the folder of the published files (default: ../shared/data)")
     p.add_argument("--tasks", nargs="+", default=["gsm8k", "math", "arc"], choices=sorted(PUBLISHED))
     p.add_argument("--show", type=int, default=10, help="print up to this many misses and false rewards")
-    p = sub.add_parser("gpu-7b", help="7B-shaped QLoRA memory and speed on a GPU")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--sample-batch", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("plan", help="the memory plan of the 7B presets' stages, computed from Llama-2-7B's config")
+    p.add_argument("--presets", nargs="+", default=["gsm8k-7b", "math-7b"])
+    p.add_argument("--cards", type=float, nargs="+", default=[24, 12], help="GiB of the card")
+    p.add_argument("--context", type=float, default=0.5, help="GiB the CUDA context takes outside PyTorch")
+    p.add_argument("--lora-r", type=int, default=16)
+    p = sub.add_parser("memory", help="the memory plan against the cache a CPU run holds")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.8, 1.2])
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--cap", type=int, default=128)
     args = parser.parse_args(argv)
     {"sample": bench_sample, "train": bench_train, "train-side": train_side, "reward": bench_reward,
-     "gpu-7b": bench_gpu_7b}[args.what](args)
+     "plan": bench_plan, "memory": bench_memory}[args.what](args)
 
 
 if __name__ == "__main__":

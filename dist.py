@@ -101,6 +101,19 @@ def gather(done: dict, n: int) -> list:
     return [merged[i] for i in range(n)]
 
 
+def merge(done: dict) -> dict:
+    """The union of every process's {key: result}, on every process."""
+    if not LAUNCHED:
+        return dict(done)
+    import torch.distributed as torch_dist
+
+    parts, merged = [None] * size(), {}
+    torch_dist.all_gather_object(parts, done)
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
 def sum_(tensors: list) -> None:
     """Each tensor summed over the processes, in place: what DDP does to the gradients before a step."""
     if LAUNCHED:

@@ -1,26 +1,25 @@
 """The language-model machinery that Iterative RPO (arXiv 2404.19733v3) and sDPO (arXiv 2403.19270v1) share.
 
-    load_model          M_0: the embedded SmolLM2, a tiny random Llama, or any Hugging Face model; LoRA or QLoRA
+    load_model          M_0: the embedded SmolLM2, a tiny random Llama, or any Hugging Face model; LoRA or QLoRA,
+                        the frozen model in the compute dtype, its output head in float32
     load/save_adapter   a finished iteration's (step's) model M_t = base + adapter_t
     encode_pair         prompt and response tokenised apart, then joined; collate pads a batch of pairs
     pair_logps          log π(y_w|x) and log π(y_l|x) of a batch of pairs, the prompt computed once
-    generate            the sampler: n completions per prompt, each stopping after its "Final answer:" line
-    reference_logps     log-probs of every pair under the current model, before training: π_ref = M_{t-1}
-    train               DPO + NLL (Eq. 1 of arXiv 2404.19733v3) on pairs against stored reference log-probs
+    generate            a sampling stage: n completions per prompt, each stopping after its "Final answer:" line,
+                        each row seeded by its prompt and sample; rows planned by memory, kept as they finish
     load_task, evaluate the task's splits (and held-out training questions); greedy accuracy and maj@k
 
-Both algorithm files import this module; it imports neither.
+The token loop is `sampler.py`, training on pairs `training.py`, the memory plan `memory.py`. Both algorithm files
+import this module; it imports neither.
 """
-import functools
 import importlib.util
-import inspect
+import json
 import logging
 import os
 import random
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,9 @@ from tqdm.auto import tqdm
 
 import data
 import dist
-from losses import rpo_loss, sequence_logps
+import memory
+import sampler
+from losses import sequence_logps
 from rundir import atomic, seed_everything
 
 # Warnings a user can do nothing about: bitsandbytes asks for the `kernels` package (a hub download) for a fast CPU
@@ -66,6 +67,14 @@ class Config:
                           "context length]", min=8)
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (saves GPU memory)")
     load_in_4bit: bool | None = arg(None, "QLoRA: NF4 base weights with double quantisation; default: on with CUDA")
+    dtype: str = arg("auto", "compute dtype of the frozen model, its activations and its KV cache (the output head "
+                     "computes in float32, LoRA weights are float32): auto = bfloat16 on CUDA, float32 on a CPU",
+                     choices=("auto", "bfloat16", "float16", "float32"))
+    memory_budget: float = arg(0.0, "GiB this process may hold on its device (weights included): each stage plans "
+                               "its rows from it, the batch-size flags as upper bounds; 0 = on a GPU what it reports "
+                               "free less 1 GiB, on a CPU no plan", min=0)
+    save_minutes: float = arg(10.0, "minutes between the resumable states training keeps (also at each held-out "
+                              "check); 0 = after every optimizer step", min=0)
     lora_r: int = arg(16, "LoRA rank", min=1)
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", above=0)
     lora_dropout: float = arg(0.0, "LoRA dropout (0: the policy equals the reference at step 0)", min=0, below=1)
@@ -195,16 +204,21 @@ def tiny_random():
 
 
 def load_base(cfg: Config):
-    """The base model M_0 (frozen) and its tokenizer; 4-bit NF4 when cfg.load_in_4bit."""
+    """The base model M_0 (frozen) and its tokenizer, in the compute dtype (`--dtype`), its output head in float32
+    (`float32_head`); 4-bit NF4 when cfg.load_in_4bit. QLoRA here skips the float32 upcast of PEFT's
+    `prepare_model_for_kbit_training`: with float32 norms and embeddings every hidden state, and so every key and
+    value of the KV cache, is float32 (1 MiB a token a row for Llama-2-7B, twice bf16's); the frozen weights stay in
+    the compute dtype, the trainable LoRA weights are float32, and log-probs are summed in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    device = dist.device()  # under `accelerate launch`, this process's own GPU
+    device = dist.device()  # under a launcher, this process's own GPU
     cuda = device.type == "cuda"
     four_bit = cuda if cfg.load_in_4bit is None else cfg.load_in_4bit
+    dtype = compute_dtype(cfg, device)
     if cfg.model == "tiny-random":
         model, tokenizer = tiny_random()
         if not four_bit:
-            return model.to(device), tokenizer
+            return float32_head(model.to(device, dtype)), tokenizer
         path = os.path.join(CACHE, "tiny-random")  # quantisation happens at load time: save, load in 4 bit
 
         def save():
@@ -214,19 +228,38 @@ def load_base(cfg: Config):
     else:
         path = dist.main_first(embedded_smollm2) if cfg.model == "smollm2-135m" else cfg.model
     tokenizer = AutoTokenizer.from_pretrained(path)
+    placed = {"device_map": {"": str(device)}} if cuda or four_bit else {}
     if not four_bit:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                    device_map={"": str(device)} if cuda else None), tokenizer
+        return float32_head(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed)), tokenizer
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
-                                                 device_map={"": str(device)})
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype, **placed)
     disable_cpu_repack(model)
-    from peft import prepare_model_for_kbit_training
+    for p in model.parameters():  # frozen; PEFT makes the adapter's own weights trainable
+        p.requires_grad = False
+    return float32_head(model), tokenizer
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+
+def compute_dtype(cfg: Config, device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def float32_head(model):
+    """The output head in float32, its input cast up to it: the logits, and so every log-prob, are not rounded to
+    bf16's 8-bit mantissa (a logit near 20 is off by up to 0.06 there). A head that shares its weight with the input
+    embeddings (SmolLM2, the tiny Llama) gets a float32 copy of its own, so the embeddings, and the hidden states
+    and the KV cache after them, stay in the compute dtype."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32:
+        return model
+    head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)  # untied, if it was
+    if getattr(head, "bias", None) is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
+    model.config.tie_word_embeddings = False  # a later tie_weights() would undo it
+    head.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+    return model
 
 
 def disable_cpu_repack(model) -> None:
@@ -267,10 +300,18 @@ def load_adapter(model, folder: str) -> None:
 
 def save_adapter(model, folder: str) -> None:
     """The LoRA weights in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them), atomically; by the
-    main process, while the others wait."""
+    main process, while the others wait. PEFT writes the target modules of "all-linear" in the order of a Python
+    set, which changes from process to process: they are sorted, so the same adapter is the same file."""
     if dist.is_main():
         with atomic(folder) as tmp:
             model.save_pretrained(tmp)
+            path = os.path.join(tmp, "adapter_config.json")
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            if isinstance(config.get("target_modules"), list):
+                config["target_modules"] = sorted(config["target_modules"])
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(config, indent=2, sort_keys=True))
     dist.barrier()
 
 
@@ -306,22 +347,11 @@ def encode_pair(tokenizer, pair: dict, max_length: int):
     return prompt, responses[0], responses[1]
 
 
-def left_pad(sequences: list, pad_id: int):
-    """Token lists → (ids, mask), each (N, max length), left-padded: every sequence ends at the last column, where
-    its next token goes. The mask comes from lengths, never from the pad id."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(sequences):
-        ids[row, width - len(s):], mask[row, width - len(s):] = torch.tensor(s), 1
-    return ids, mask
-
-
 def collate(encoded: list, pad_id: int):
     """A batch of pairs for `pair_logps`: the prompts left-padded (B, P), so that every prompt ends at the same
     column, and the responses right-padded (2B, R), chosen and rejected interleaved (c_0, r_0, c_1, r_1, ...).
     Masks come from lengths, never from the pad id."""
-    prompt, prompt_mask = left_pad([p for p, _, _ in encoded], pad_id)
+    prompt, prompt_mask = sampler.left_pad([p for p, _, _ in encoded], pad_id)
     responses = [r for _, chosen, rejected in encoded for r in (chosen, rejected)]
     response = torch.full((len(responses), max(map(len, responses))), pad_id, dtype=torch.long)
     response_mask = torch.zeros_like(response)
@@ -348,10 +378,10 @@ def pair_logps(model, batch, share_prompt: bool | None = None):
     if share_prompt:
         cache = DynamicCache(config=model.config)
         first = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=position[0::2, :width_p],
-                      **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+                      **sampler.with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
         cache.batch_repeat_interleave(2)  # one copy of the prompt's keys and values per response
         rest = model(input_ids=response, attention_mask=mask, position_ids=position[:, width_p:],
-                     **with_cache(model, cache), use_cache=True).logits  # (2B, R, V)
+                     **sampler.with_cache(model, cache), use_cache=True).logits  # (2B, R, V)
         logits = torch.cat([first.repeat_interleave(2, 0), rest], 1)  # (2B, R + 1, V)
     else:
         ids = torch.cat([prompt.repeat_interleave(2, 0), response], -1)  # (2B, P + R)
@@ -362,18 +392,6 @@ def pair_logps(model, batch, share_prompt: bool | None = None):
     return logps[0::2], logps[1::2], lengths[0::2]
 
 
-@functools.cache
-def _cache_argument(model_class) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def with_cache(model, cache) -> dict:
-    """The forward's keyword for a KV cache: `cache` from transformers 5.24 on, which warns about the old name,
-    `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_cache_argument(type(base)): cache}
-
-
 def checkpointing(model) -> bool:
     """Whether gradient (activation) checkpointing is on; transformers 5 renamed the attribute."""
     on = getattr(model, "is_activation_checkpointing", None)
@@ -381,100 +399,56 @@ def checkpointing(model) -> bool:
 
 
 # =================================================================================================================
-# The sampler: a KV-cache loop that stops each row after its final-answer line
+# Sampling a stage: rows planned by memory, shared among processes, kept as they finish (the token loop: sampler.py)
 
-def answer_done(tokenizer, tokens: list) -> bool:
-    """A row is done once its "Final answer: ..." line ends or a new "Question:" starts (`data.completion_end`).
-    The row is decoded only when a token holds a newline or a colon (decoding tokens one by one would lose
-    SentencePiece's spaces)."""
-    return any(c in tokenizer.decode(tokens[-1:]) for c in "\n:") and \
-        data.completion_end(tokenizer.decode(tokens, skip_special_tokens=True)) is not None
+def batches(items: list, size: int) -> list:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(logits / T) (T = 0: argmax); `logits` is left as it is. Shape: (B, V) → (B,).
-    Inverse-CDF sampling: one uniform number per row and a cumulative sum, where torch.multinomial draws an
-    exponential variate per vocabulary entry (a third of the step time of a 135M model on a CPU)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    shifted = logits.float() - logits.max(-1, keepdim=True).values  # a new tensor: the in-place ops below are on it
-    cdf = shifted.div_(temperature).exp_().cumsum_(-1)  # unnormalised
-    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+def example_keys(examples: list) -> list:
+    """The key of each example's random streams (`generate`): its id, and how many times the id came before (a
+    data set may repeat an id), so the same question draws the same samples wherever it stands in a run."""
+    seen = {}
+    keys = []
+    for ex in examples:
+        seen[ex["id"]] = seen.get(ex["id"], -1) + 1
+        keys.append(f"{ex['id']}#{seen[ex['id']]}")
+    return keys
 
 
-def common_prefix(sequences: list) -> int:
-    """How many leading tokens all the sequences share, leaving each at least one token of its own."""
-    n = min(map(len, sequences)) - 1
-    return next((i for i in range(n) if len({s[i] for s in sequences}) > 1), n)
-
-
-@torch.no_grad()
-def generate_ids(model, prompts: list, n: int, temperature: float, max_new_tokens: int, eos_id: int, pad_id: int,
-                 done: Callable[[list], bool] = lambda tokens: False,
-                 progress: Callable[[int, int], None] = lambda step, ended: None,
-                 generator: torch.Generator | None = None) -> list:
-    """n completions (token lists, without EOS) of each tokenised prompt, in a plain KV-cache loop rather than
-    model.generate, for four savings: the tokens that all prompts of the batch begin with (the chat template's
-    system prompt and the task's instruction) are computed once; each prompt's prefill is computed once and its
-    cache shared by its n samples; a row leaves the batch as soon as it ends (EOS, or `done(tokens)`); sampling by
-    `sample_tokens`. `progress(step, rows ended at this step)` is called after every step."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    shared = common_prefix(prompts) if len(prompts) > 1 else 0
-    if shared:  # its keys and values, computed once, copied to every prompt's row
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device), **with_cache(model, cache),
-              use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(len(prompts))
-    ids, rest = (t.to(model.device) for t in left_pad([p[shared:] for p in prompts], pad_id))
-    mask = torch.cat([rest.new_ones(len(prompts), shared), rest], -1)  # padding between the two parts is masked
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in model.generate
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position[:, shared:], **with_cache(model, cache),
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    cache.batch_repeat_interleave(n)  # P prompts → P·n rows, row r = sample r % n of prompt r // n
-    logits, mask, position = (x.repeat_interleave(n, 0) for x in (logits, mask, position[:, -1:]))
-    rows = torch.arange(len(prompts) * n, device=model.device)  # the output row of each batch row
-    out = [[] for _ in rows]
-    for step in range(max_new_tokens):
-        token = sample_tokens(logits, temperature, generator)  # (B,)
-        keep = []
-        for b, (r, t) in enumerate(zip(rows.tolist(), token.tolist())):
-            if t == eos_id:
-                continue
-            out[r].append(t)
-            if not done(out[r]):
-                keep.append(b)
-        last = not keep or step == max_new_tokens - 1  # then every row still in the batch ends here
-        progress(step + 1, len(rows) if last else len(rows) - len(keep))
-        if last:
-            break
-        if len(keep) < len(rows):  # finished rows leave the batch and the cache
-            keep = torch.tensor(keep, device=model.device)
-            cache.batch_select_indices(keep)
-            rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
-        mask, position = torch.cat([mask, mask.new_ones(len(rows), 1)], -1), position + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                       **with_cache(model, cache), use_cache=True).logits[:, -1]  # (B, V)
-    return out
-
-
-def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_new_tokens: int, batch_size: int,
-             desc: str, stats: dict | None = None) -> list:
+def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_new_tokens: int, max_rows: int,
+             desc: str, stats: dict | None = None, keys: list | None = None, parts=None,
+             memory_budget: float = 0.0) -> list:
     """n completions of each prompt (temperature 0 = greedy), as (text, truncated) pairs: the text cut where it ends
-    (`data.completion_end`), and whether it was cut off at max_new_tokens before it ended. Prompts sorted by
-    length, batch_size rows (prompts × n) a batch, each batch drawn from its own seeded generator: under
-    `accelerate launch` the processes share the batches out (`dist.mine`) and draw what one process draws.
-    `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
+    (`data.completion_end`), and whether it was cut off at max_new_tokens before it ended.
+
+    Row (i, s), sample s of prompt i, draws from its own stream (`sampler.row_keys`: a seed drawn once from the
+    stage's generator, keys[i] — the example's id — and s), so the rows it shares a batch with never change it.
+    Rows run in order of prompt length, as many at once as the memory plan allows (`memory.sampling_rows`, at most
+    max_rows; an out-of-memory error halves them), and under a launcher every P-th batch on each process. Each
+    finished batch is kept in `parts` (`rundir.Parts`): a restarted stage reads them back and samples only the
+    rest. `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
     returned texts)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    keys = list(range(len(prompts))) if keys is None else keys
+    seed = int(torch.randint(2**62, ()).item())  # one draw from the stage's seed, the same on every process
+    finished = parts.read() if parts else {}  # {(i, s): [text, truncated]}
+    dist.barrier()  # every process has read the parts before any writes new ones
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    per_batch = max(1, batch_size // n)
-    groups = batches(order, per_batch)
-    base = int(torch.randint(2**62, ()).item())  # one draw from the stage's seed, the same on every process
+    todo = [(i, s) for i in order for s in range(n) if (i, s) not in finished]
+    if finished and todo:
+        print(f"{desc}: {len(finished)} of {len(prompts) * n} rows sampled before, {len(todo)} to go", file=sys.stderr)
+    costs, space = memory.costs(model), memory.available(memory_budget, model)
+    longest = max((len(encoded[i]) for i, _ in todo), default=1)
+    rows = dist.broadcast(memory.sampling_rows(costs, space, longest, max_new_tokens, n, max_rows))  # one plan
+    if todo:
+        print(memory.plan_line(desc, rows, max_rows, space, memory.sampling_peak(costs, rows, longest, max_new_tokens,
+                                                                                 n), "rows"), file=sys.stderr)
+    chunks = batches(todo, rows)
+    mine = [row for b in dist.mine(len(chunks)) for row in chunks[b]]
     model.eval()
-    start, new_tokens, kept, done = time.time(), 0, 0, {}
-    bar = tqdm(total=sum(len(groups[b]) for b in dist.mine(len(groups))) * n, desc=desc, unit="seq")
+    start, counts, done = time.time(), {"computed": 0, "kept": 0}, {}
+    bar = tqdm(total=len(mine), desc=desc, unit="seq")
 
     def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
         bar.set_postfix_str(f"token {step}/{max_new_tokens}", refresh=False)
@@ -482,132 +456,34 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         if step % 8 == 0:
             bar.refresh()
 
-    for b in dist.mine(len(groups)):
-        generator = torch.Generator(model.device).manual_seed(base + b)
-        tokens = generate_ids(model, [encoded[i] for i in groups[b]], n, temperature, max_new_tokens,
-                              tokenizer.eos_token_id, tokenizer.pad_token_id, lambda row: answer_done(tokenizer, row),
-                              progress, generator)
-        done[b] = []
-        for row in tokens:
-            text = tokenizer.decode(row, skip_special_tokens=True)
+    def sample(chunk):  # one batch: its prompts prefilled once each, then their rows
+        distinct = list(dict.fromkeys(i for i, _ in chunk))
+        tokens = sampler.generate_ids(
+            model, [encoded[i] for i in distinct], [sum(i == j for j, _ in chunk) for i in distinct], temperature,
+            max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            lambda row: sampler.answer_done(tokenizer, row), progress,
+            sampler.row_keys(seed, [keys[i] for i, _ in chunk], [s for _, s in chunk]))
+        results = {}
+        for row, out in zip(chunk, tokens):
+            text = tokenizer.decode(out, skip_special_tokens=True)
             end = data.completion_end(text)
             # A row of max_new_tokens tokens that has not ended was cut off (a row that stopped at EOS holds fewer
             # tokens: EOS is not kept).
-            done[b].append((text[:end] if end is not None else text, end is None and len(row) == max_new_tokens))
-            new_tokens += len(row)
-            kept += len(tokenizer(done[b][-1][0], add_special_tokens=False)["input_ids"]) if stats is not None else 0
-        bar.set_postfix_str(f"{new_tokens / (time.time() - start):.0f} tok/s")
+            results[row] = [text[:end] if end is not None else text, end is None and len(out) == max_new_tokens]
+            counts["computed"] += len(out)
+            if stats is not None:
+                counts["kept"] += len(tokenizer(results[row][0], add_special_tokens=False)["input_ids"])
+        if parts:
+            parts.save(results)
+        done.update(results)
+        bar.set_postfix_str(f"{counts['computed'] / (time.time() - start):.0f} tok/s")
+
+    memory.in_chunks(mine, rows, sample, desc, "row", "--max-new-tokens")
     bar.close()
-    out = [None] * len(prompts)
-    for group, rows in zip(groups, dist.gather(done, len(groups))):
-        for k, i in enumerate(group):
-            out[i] = [tuple(r) for r in rows[k * n:(k + 1) * n]]
+    finished.update(dist.merge(done))
     if stats is not None:
-        stats.update(computed=new_tokens, kept=kept, seconds=time.time() - start)
-    return out
-
-
-# =================================================================================================================
-# The reference pass and training
-
-def batches(items: list, size: int) -> list:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def reference_logps(model, tokenizer, pairs: list, cfg: Config, desc: str) -> list:
-    """log M_{t-1}(y|x) of every chosen and rejected response, before the first update: the policy *is* the
-    reference then, so no second model is kept. Eval mode: dropout off. Same `pair_logps` path as `train`."""
-    model.eval()
-    chunks = batches([encode_pair(tokenizer, p, cfg.max_length) for p in pairs], cfg.batch_size)
-    done = {}  # under `accelerate launch`, each process scores its share of the batches (`dist.mine`)
-    with torch.no_grad():
-        for b in tqdm(dist.mine(len(chunks)), desc=desc, unit="batch"):
-            chosen, rejected, _ = pair_logps(model, collate(chunks[b], tokenizer.pad_token_id))
-            done[b] = [{"chosen": c, "rejected": r} for c, r in zip(chosen.tolist(), rejected.tolist())]
-    return [r for rows in dist.gather(done, len(chunks)) for r in rows]
-
-
-def make_optimizer(params: list, lr: float):
-    if torch.cuda.is_available():
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.PagedAdamW8bit(params, lr=lr)
-        except (ImportError, RuntimeError):
-            pass
-    return torch.optim.AdamW(params, lr=lr)
-
-
-def train(model, tokenizer, pairs: list, reference: list, cfg: Config, t: int, log: Callable[[dict], None],
-          sft: bool = False, adapter: str | None = None, checkpoint: Callable[[], float] | None = None,
-          checkpoints: int = 1) -> list:
-    """Train the policy on the pairs with L_DPO+NLL (Eq. 1; plain DPO at α = 0; with `sft`, the NLL term alone:
-    SFT on the chosen responses) against the stored reference log-probs: one optimizer step per
-    batch_size × grad_accum pairs, the loss averaged over the pairs of the step. With `checkpoint` (a score, such
-    as accuracy on held-out questions), the policy is scored at `checkpoints` evenly spaced steps, the last one
-    included, and the best checkpoint is kept (ties go to the later one). Saves the adapter to the folder
-    `adapter` when given, and returns the step records (also passed to `log` as they come)."""
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.lr)
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = [step for epoch in range(cfg.epochs) for step in
-             batches(random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(len(pairs)), len(pairs)), per_step)]
-    steps = steps[:cfg.max_steps or None]
-    marks = {round(len(steps) * (k + 1) / checkpoints) for k in range(checkpoints)} if checkpoint else set()
-    best = None  # (step, score, the trainable weights then)
-    records, bar = [], tqdm(total=sum(map(len, steps)), desc=f"train M_{t}", unit="pair")  # moves every micro-batch
-    for step, indices in enumerate(steps, start=1):
-        sums = dict.fromkeys(METRICS, 0.0)
-        micros = batches(indices, cfg.batch_size)
-        for micro in (micros[m] for m in dist.mine(len(micros))):  # each process its share of the step's pairs
-            encoded = [encode_pair(tokenizer, pairs[i], cfg.max_length) for i in micro]
-            chosen, rejected, lengths = pair_logps(model, collate(encoded, tokenizer.pad_token_id))
-            ref_chosen = torch.tensor([reference[i]["chosen"] for i in micro], device=chosen.device)
-            ref_rejected = torch.tensor([reference[i]["rejected"] for i in micro], device=chosen.device)
-            eq1, chosen_rewards, rejected_rewards, dpo, nll = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                       lengths, cfg.beta, cfg.alpha)  # Eq. 1
-            losses = nll if sft else eq1  # STaR: the NLL term alone
-            (losses.sum() / len(indices)).backward()
-            values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
-                      "rewards/rejected": rejected_rewards,
-                      "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                      "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
-                      "logps/rejected": rejected}
-            for name, value in values.items():
-                sums[name] += value.detach().float().sum().item()
-            bar.update(len(micro) * dist.size())
-        if dist.size() > 1:  # data parallel, as DDP: the gradients (and the logged sums) summed over the processes
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=params[0].device)
-            dist.sum_([p.grad for p in params] + [totals])
-            sums = dict(zip(sums, totals.tolist()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"iteration": t, "step": step, **{k: v / len(indices) for k, v in sums.items()},
-                  "grad_norm": grad_norm, "lr": cfg.lr, "pairs": len(indices)}
-        records.append(record)
-        log(record)
-        bar.set_postfix_str(f"step {step}/{len(steps)}, loss {record['loss']:.4f} acc "
-                            f"{record['rewards/accuracies']:.2f}")
-        if step in marks:  # the paper: "select the best checkpoint using a held-out 1k samples" (Sec. 3)
-            records.append({"iteration": t, "step": step, "heldout/accuracy": checkpoint()})
-            log(records[-1])
-            model.train()
-            if best is None or records[-1]["heldout/accuracy"] >= best[1]:
-                best = (step, records[-1]["heldout/accuracy"], [p.detach().clone() for p in params])
-    bar.close()
-    if best is not None:
-        with torch.no_grad():
-            for p, kept in zip(params, best[2]):
-                p.copy_(kept)
-        records.append({"iteration": t, "selected_step": best[0], "heldout/accuracy": best[1]})
-        log(records[-1])
-    if adapter:
-        save_adapter(model, adapter)
-    return records
+        stats.update(counts, seconds=time.time() - start)
+    return [[tuple(finished[(i, s)]) for s in range(n)] for i in range(len(prompts))]
 
 
 # =================================================================================================================
@@ -669,13 +545,15 @@ def majority(answers: list, task: str, choices: list | None = None, grader: str 
     return max(groups, key=lambda g: g[1])[0] if groups else None
 
 
-def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t: int, label: str) -> dict:
+def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t: int, label: str, parts=None,
+             memory_budget: float = 0.0) -> dict:
     """Greedy accuracy and maj@k (k samples at the paper's temperature 0.8, none when task.eval_k is 0) on the
     examples (the test split, or held-out training questions), judged by the training samples' reward
-    (`data.judge`)."""
-    prompts = [task_prompt(tokenizer, ex, shots) for ex in examples]
+    (`data.judge`). `parts`: where each of the two keeps its finished rows (`generate`)."""
+    prompts, keys = [task_prompt(tokenizer, ex, shots) for ex in examples], example_keys(examples)
     greedy = generate(model, tokenizer, prompts, 1, 0.0, task.max_new_tokens, task.sample_batch_size,
-                      f"{label} {t}: eval greedy")
+                      f"{label} {t}: eval greedy", keys=keys, parts=parts and parts.sub("greedy"),
+                      memory_budget=memory_budget)
     results = []
     for ex, [(completion, truncated)] in zip(examples, greedy):
         extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"), truncated,
@@ -686,7 +564,8 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
                "truncated": sum(r["truncated"] for r in results)}
     if task.eval_k:
         votes = generate(model, tokenizer, prompts, task.eval_k, task.eval_temperature, task.max_new_tokens,
-                         task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}")
+                         task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}", keys=keys,
+                         parts=parts and parts.sub(f"maj@{task.eval_k}"), memory_budget=memory_budget)
         for r, ex, outs in zip(results, examples, votes):
             vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"), cut)[0]
                              for o, cut in outs if not cut], ex["task"], ex.get("choices"),

@@ -8,7 +8,7 @@ The algorithm, in the paper's words (Sec. 2), for iterations t = 1 … T, starti
   3. Preference pairs: walk the winners (r = 1) and losers (r = 0) of a question together, wrapping around, until
      K pairs are made; none if either set is empty (`make_pairs`, `pair_up`). Only this iteration's pairs are used.
   4. Training: M_t is initialised from M_{t-1} and trained with L_DPO+NLL (Eq. 1, `losses.rpo_loss`) against the
-     fixed reference M_{t-1} (`lm.reference_logps`, then `lm.train`).
+     fixed reference M_{t-1} (`training.reference_logps`, then `training.train`).
   5. Repeat. Evaluation after each iteration: greedy accuracy and maj@k on the test split (`lm.evaluate`).
 
 Where this code departs from the paper, and why:
@@ -67,6 +67,7 @@ from dataclasses import dataclass, replace
 
 import data
 import lm
+import training
 from lm import arg
 from rundir import RunDir, flips, main as run_main, markdown_table, read
 
@@ -121,13 +122,16 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
 # =================================================================================================================
 # Steps 1-2: sample N responses per question from M_{t-1}, reward each
 
-def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list, t: int) -> list:
+def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list, t: int, parts=None) -> list:
     """N responses per training question at iteration t's temperature, each with its extracted answer, its reward,
-    and whether it was cut off at --max-new-tokens before it ended (then its reward is 0: it gave no answer)."""
+    and whether it was cut off at --max-new-tokens before it ended (then its reward is 0: it gave no answer). Each
+    response is drawn from its own stream, seeded by the question's id and its index; `parts` keeps the finished
+    ones while the stage runs."""
     temperature = sampling_temperature(cfg, t)
     prompts = [lm.task_prompt(tokenizer, ex, shots) for ex in examples]
     completions = lm.generate(model, tokenizer, prompts, cfg.samples_per_question, temperature, cfg.max_new_tokens,
-                              cfg.sample_batch_size, f"iter {t}: sample (T={temperature})")
+                              cfg.sample_batch_size, f"iter {t}: sample (T={temperature})",
+                              keys=lm.example_keys(examples), parts=parts, memory_budget=cfg.memory_budget)
     records = []
     for ex, prompt, outs in zip(examples, prompts, completions):
         for n, (text, truncated) in enumerate(outs):
@@ -223,24 +227,26 @@ def run(cfg: Config) -> list:
     out.expect(plan(cfg, len(train_set), len(test_set), len(heldout)))
 
     def evaluate(t):  # greedy accuracy and maj@k of M_t on the test split
-        return lm.evaluate(model, tokenizer, cfg, test_set, shots, t, "iter")
+        return lm.evaluate(model, tokenizer, cfg, test_set, shots, t, "iter", out.parts(t, "eval.json"),
+                           cfg.memory_budget)
 
-    def heldout_accuracy():  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
-        return lm.evaluate(model, tokenizer, replace(cfg, eval_k=0), heldout, shots, t, "held-out")["accuracy"]
+    def heldout_accuracy(step):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
+        return lm.evaluate(model, tokenizer, replace(cfg, eval_k=0), heldout, shots, t, "held-out",
+                           out.parts(t, "train_log.jsonl").sub(f"heldout-{step}"), cfg.memory_budget)["accuracy"]
 
     out.stage(0, "eval.json", lambda: evaluate(0), seed="eval")
     for t in range(1, cfg.iterations + 1):
         if t > 1:
             lm.load_adapter(model, out.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
-        samples = out.stage(t, "samples.jsonl", seed="sample",                                 # 1-2. generate, reward
-                            compute=lambda: sample_and_reward(model, tokenizer, cfg, train_set, shots, t))
+        samples = out.stage(t, "samples.jsonl", seed="sample", compute=lambda: sample_and_reward(  # 1-2. generate,
+            model, tokenizer, cfg, train_set, shots, t, out.parts(t, "samples.jsonl")))            # reward
         _, pairs = out.stage(t, ("stats.json", "pairs.jsonl"),                                 # 3. pair
                              lambda: pair_up(tokenizer, cfg, samples, train_set, t))
-        reference = out.stage(t, "reference.jsonl",                                            # π_ref = M_{t-1}, once
-                              lambda: lm.reference_logps(model, tokenizer, pairs, cfg, f"iter {t}: reference"))
-        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: lm.train(                # 4. train M_t, Eq. 1;
+        reference = out.stage(t, "reference.jsonl", lambda: training.reference_logps(          # π_ref = M_{t-1}, once
+            model, tokenizer, pairs, cfg, f"iter {t}: reference", out.parts(t, "reference.jsonl")))
+        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: training.train(          # 4. train M_t, Eq. 1;
             model, tokenizer, pairs, reference, cfg, t, out.log, cfg.sft, out.path(t, "adapter"),  # best checkpoint
-            heldout_accuracy if heldout else None, cfg.checkpoints))
+            heldout_accuracy if heldout else None, cfg.checkpoints, out.parts(t, "train_log.jsonl")))
         lm.load_adapter(model, out.path(t, "adapter"))                                         # M_t
         out.stage(t, "eval.json", lambda: evaluate(t), seed="eval")                            # 5. evaluate
     rows = summary_rows(out, cfg)

@@ -140,14 +140,55 @@ class Clock:
         return total
 
 
+PARTS = ".parts"
+# Settings of speed alone: no sample, score or step depends on them, so a run may resume with other values.
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes"}
+
+
+class Parts:
+    """The finished parts of a stage that is still running: a folder of JSON Lines files, each written atomically
+    by one process (its rank in the name) as a unit of work ends, each record a key (a row, a pair) and its value.
+    Nothing in it is a stage's output: the stage's own file exists only once every part is done, and a restarted
+    stage reads the parts back (`read`) and computes only what is missing. `sub(name)`: a folder of its own inside,
+    for a part of the stage that has parts of its own (a held-out check inside training)."""
+
+    def __init__(self, folder: str):
+        self.folder, self.count = folder, 0
+
+    def sub(self, name: str) -> "Parts":
+        return Parts(os.path.join(self.folder, name))
+
+    def read(self) -> dict:
+        """{key: value} of every part file (a key that was a list comes back a tuple)."""
+        found = {}
+        for path in sorted(glob.glob(os.path.join(self.folder, "part-*.jsonl"))):
+            for record in read(path):
+                key = record["key"]
+                found[tuple(key) if isinstance(key, list) else key] = record["value"]
+        return found
+
+    def save(self, values: dict) -> None:
+        """One more part file of {key: value}, atomically."""
+        if not values:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        while True:  # a name no earlier run of this process's rank has taken
+            self.count += 1
+            path = os.path.join(self.folder, f"part-{dist.rank():03d}-{self.count:06d}.jsonl")
+            if not os.path.exists(path):
+                break
+        write(path, [{"key": list(k) if isinstance(k, tuple) else k, "value": v} for k, v in values.items()])
+
+
 class RunDir:
     """The run directory `cfg.out`: config.json, metrics.jsonl, and one folder per iteration or step, `{prefix}_t`."""
 
     def __init__(self, cfg, script: str, prefix: str, grows: tuple = ()):
-        """Checks the directory; writes nothing until the first stage finishes (`claim`), so that a run that fails
-        before it leaves nothing behind. A directory whose config.json is from a start that failed before any stage
-        finished holds nothing to protect: the new config replaces it. The fields in `grows` (the number of
-        iterations) may differ from a finished run's: the run continues with them."""
+        """Checks the directory; writes nothing until the first stage starts its work (`claim`), so that a run that
+        fails on its input leaves nothing behind. A directory whose config.json is from a start that failed before
+        any stage began holds nothing to protect: the new config replaces it. The fields in `grows` (the number of
+        iterations) and the speed settings (`SPEED`) may differ from the run's: it continues with them, and its
+        config.json is written anew."""
         self.out, self.seed, self.prefix, self.claimed = cfg.out, cfg.seed, prefix, False
         self.clock = Clock({}, f"{prefix} ")
         # The directory's own path is not part of its config: a moved run directory still resumes.
@@ -155,11 +196,11 @@ class RunDir:
         path = os.path.join(self.out, "config.json")
         if os.path.exists(path):
             have = read(path)
-            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}
+            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}  # finished parts count
             if have.get("script") != script and finished:
                 sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
                          "--out")
-            if config_diff(have, self.config, grows) and finished:
+            if config_diff(have, self.config, set(grows) | SPEED) and finished:
                 sys.exit(f"{path}: this run directory holds a run with another config "
                          f"({', '.join(config_diff(have, self.config))}); use another --out, or delete the directory "
                          "to start over")
@@ -199,15 +240,21 @@ class RunDir:
             if seed is not None:
                 seed_everything(self.seed, t, seed)
             start = time.time()
+            self.claim()  # from here on the directory holds this run: a stage's finished parts may be kept
             values = compute() if isinstance(name, tuple) else [compute()]
-            self.claim()
-            if dist.is_main():  # under `accelerate launch` every process computed the same values: one writes
+            if dist.is_main():  # under a launcher every process computed the same values: one writes
                 for p, v in zip(paths, values):
                     write(p, v)
                 self.rebuild_metrics()
+                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)  # the stage is finished: its parts are spent
             dist.barrier()
             self.clock.finished((t, names[-1]), time.time() - start)
         return values if isinstance(name, tuple) else values[0]
+
+    def parts(self, t: int | None, name: str) -> "Parts":
+        """Where the stage that writes `name` of iteration (step) t keeps its finished parts while it runs
+        (`{name}.parts/`), so that a restarted run computes only the rest; removed once the stage's file is written."""
+        return Parts(self.path(t, name) + PARTS)
 
     def copy_from(self, source: str, names: list, ignore: set) -> None:
         """Copy the files `names` (relative paths) from another run directory whose config agrees with this one on
@@ -215,7 +262,7 @@ class RunDir:
         path = os.path.join(source, "config.json")
         if not os.path.exists(path):
             sys.exit(f"{path}: no such file; give a run directory")
-        diff = config_diff(read(path), self.config, ignore)
+        diff = config_diff(read(path), self.config, set(ignore) | SPEED)
         if diff:
             sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
         missing = [os.path.join(source, n) for n in names if not os.path.exists(os.path.join(self.out, n))

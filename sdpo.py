@@ -4,7 +4,7 @@ arXiv 2403.19270v1), with LoRA or QLoRA.
 The algorithm, in the paper's words (Sec. 2.2):
   1. Split the preference data D into T chunks D_1 … D_T (`split_steps`).
   2. For t = 1 … T: the reference model is M_{t-1}, the model aligned at step t-1 (M_0 = the SFT model), frozen;
-     the target model is initialised from M_{t-1} as well; train it with the DPO loss on D_t (`lm.train`).
+     the target model is initialised from M_{t-1} as well; train it with the DPO loss on D_t (`training.train`).
      L_sDPO = Σ_t L_DPO(π_θt, π_θt−1)   (see `losses.py` for γ_ref, the reference margin)
   3. `--steps 1` is plain DPO on all data at once, the paper's baseline, through the same code.
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields, replace
 
 import data
 import lm
+import training
 from lm import arg
 from rundir import RunDir, flips, main as run_main, markdown_table, read
 
@@ -149,7 +150,7 @@ def rpo_task(cfg: Config):
     return None
 
 
-def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t: int) -> dict:
+def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t: int, parts=None) -> dict:
     """Held-out preference metrics and, when the pairs come from an rpo.py run, its task accuracy."""
     result = heldout_eval(logps, initial, t)
     if task is not None:
@@ -159,7 +160,7 @@ def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t:
                                                                                config["load_in_4bit"]):
             measured = read(m0)  # M_0 on the same test split: the rpo.py run measured it already
         else:
-            measured = lm.evaluate(model, tokenizer, task_cfg, test, shots, t, "step")
+            measured = lm.evaluate(model, tokenizer, task_cfg, test, shots, t, "step", parts, cfg.memory_budget)
         result.update({k: v for k, v in measured.items() if k not in ("iteration", "n")}, test_n=measured["n"])
     return result
 
@@ -188,26 +189,30 @@ def run(cfg: Config) -> list:
     check_steps(cfg, files, set(keep), held, pool)  # every step has pairs, or one line before any work
     heldout = out.stage(None, "heldout.jsonl", lambda: [pairs[i] for i in keep if i in held])
     out.expect(plan(cfg, task, [pairs[i] for i in pool], len(held)))
-    initial = out.stage(0, "heldout_logps.jsonl",                                             # M_0 on the held-out
-                        lambda: lm.reference_logps(model, tokenizer, heldout, cfg, "M_0 held-out"))
-    scored = out.stage(0, "pool_logps.jsonl", lambda: lm.reference_logps(
-        model, tokenizer, [pairs[i] for i in pool], cfg, "M_0 γ_ref")) if cfg.split == "easy-to-hard" else None
+    initial = out.stage(0, "heldout_logps.jsonl", lambda: training.reference_logps(           # M_0 on the held-out
+        model, tokenizer, heldout, cfg, "M_0 held-out", out.parts(0, "heldout_logps.jsonl")))
+    scored = out.stage(0, "pool_logps.jsonl", lambda: training.reference_logps(
+        model, tokenizer, [pairs[i] for i in pool], cfg, "M_0 γ_ref", out.parts(0, "pool_logps.jsonl"))) \
+        if cfg.split == "easy-to-hard" else None
     chunks = split_steps(pool, [files[i] for i in pool], cfg.split, cfg.steps, scored and gammas(scored), cfg.seed)
-    out.stage(0, "eval.json", lambda: evaluate(model, tokenizer, cfg, task, initial, initial, 0), seed="eval")
+    out.stage(0, "eval.json", lambda: evaluate(model, tokenizer, cfg, task, initial, initial, 0,
+                                               out.parts(0, "eval.json")), seed="eval")
     for t in range(1, cfg.steps + 1):
         if t > 1:
             lm.load_adapter(model, out.path(t - 1, "adapter"))  # reference AND target := M_{t-1}
         chunk = out.stage(t, "pairs.jsonl", lambda: [pairs[pool[i]] for i in chunks[t - 1]])   # D_t
-        reference = out.stage(t, "reference.jsonl",                                           # log π_{t-1}, frozen
-                              lambda: lm.reference_logps(model, tokenizer, chunk, cfg, f"step {t}: reference"))
+        reference = out.stage(t, "reference.jsonl", lambda: training.reference_logps(         # log π_{t-1}, frozen
+            model, tokenizer, chunk, cfg, f"step {t}: reference", out.parts(t, "reference.jsonl")))
         out.stage(t, "stats.json", lambda: {"step": t, "pairs": len(chunk),                   # mean γ_ref of D_t
                                             "gamma_ref_mean": sum(gammas(reference)) / max(1, len(reference))})
-        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: lm.train(               # L_DPO(π_t, π_{t-1})
-            model, tokenizer, chunk, reference, cfg, t, out.log, adapter=out.path(t, "adapter")))
+        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: training.train(         # L_DPO(π_t, π_{t-1})
+            model, tokenizer, chunk, reference, cfg, t, out.log, adapter=out.path(t, "adapter"),
+            parts=out.parts(t, "train_log.jsonl")))
         lm.load_adapter(model, out.path(t, "adapter"))                                        # M_t
-        logps = out.stage(t, "heldout_logps.jsonl",                                           # γ of M_t, held out
-                          lambda: lm.reference_logps(model, tokenizer, heldout, cfg, f"M_{t} held-out"))
-        out.stage(t, "eval.json", lambda: evaluate(model, tokenizer, cfg, task, logps, initial, t), seed="eval")
+        logps = out.stage(t, "heldout_logps.jsonl", lambda: training.reference_logps(         # γ of M_t, held out
+            model, tokenizer, heldout, cfg, f"M_{t} held-out", out.parts(t, "heldout_logps.jsonl")))
+        out.stage(t, "eval.json", lambda: evaluate(model, tokenizer, cfg, task, logps, initial, t,
+                                                   out.parts(t, "eval.json")), seed="eval")
     rows = [read(out.path(t, "eval.json")) | (read(out.path(t, "stats.json")) if t else {})
             for t in range(cfg.steps + 1)]
     print(format_table(rows))

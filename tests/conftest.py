@@ -63,3 +63,73 @@ def two_steps(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdpo")
     cfg = sdpo_config(tmp, [write_pairs(tmp / "p.jsonl", 24)])
     return cfg, sdpo.run(cfg)
+
+
+def kill_and_resume_script(tmp_path, root):
+    """A driver that runs rpo.py's command line and kills its own process (SIGKILL, as `kill -9`) right after the
+    k-th save of a stage's finished parts (`samples`: iteration 1's sampling; `train`: iteration 1's training
+    state), so a test can stop a run at a chosen point and start the same command again."""
+    script = tmp_path / "killed.py"
+    script.write_text(f'''import os, signal, sys
+sys.path.insert(0, {str(root)!r})
+import rpo, rundir, training
+
+what, after, saves = sys.argv[1], int(sys.argv[2]), []
+
+
+def killing(real):
+    def save(self, *args):
+        real(self, *args)
+        folder = self.folder if isinstance(self, rundir.Parts) else args[0].folder
+        if os.path.join("iter_1", "samples" if what == "samples" else "train_log") in folder:
+            saves.append(folder)
+            if len(saves) == after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return save
+
+
+if what == "samples":
+    rundir.Parts.save = killing(rundir.Parts.save)
+else:
+    training.TrainState.save = killing(training.TrainState.save)
+rpo.main(sys.argv[3:])
+''')
+    return script
+
+
+def assert_same_files(one, two, rel=1e-5, atol=1e-4):
+    """Two run directories hold the same files: equal bytes, or, where the order of float sums may differ (another
+    batch shape), JSON equal but for floats within float32 rounding (`rel`; log-probs are sums of hundreds of terms)
+    and adapters' weights within `atol`. Seen between 2-row and 1-row batches: 3e-5 on log-probs near 100, 8e-7 on
+    adapter weights."""
+    import math
+
+    from safetensors.torch import load_file
+
+    def close(a, b, where):
+        if isinstance(a, float) or isinstance(b, float):
+            assert math.isclose(a, b, rel_tol=rel, abs_tol=atol), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                close(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                close(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, where
+
+    a, b = snapshot(one), snapshot(two)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if a[name] == b[name]:
+            continue
+        if name.endswith(".safetensors"):
+            x, y = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
+            assert x.keys() == y.keys() and all((x[k] - y[k]).abs().max() <= atol for k in x), name
+        else:
+            from rundir import read
+
+            assert name.endswith((".json", ".jsonl")), name
+            close(read(os.path.join(one, name)), read(os.path.join(two, name)), name)

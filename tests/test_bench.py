@@ -38,3 +38,30 @@ def test_reward_on_the_published_file(task):
     assert counts["rows"] == counts["published"] == counts["golds_as_published"] > 0
     assert counts["missed"] == [] and counts["right"] > counts["rows"]
     assert counts["fooled"] == [] and counts["wrong"] > counts["rows"]
+
+
+def test_the_7b_plan_fits_the_cards_it_names(capsys):
+    """Computed from Llama-2-7B's config: every stage of both presets plans at least one row, and its planned peak
+    (weights included) stays inside the card less the CUDA context and the margin."""
+    bench.main(["plan"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| gsm8k-7b") or
+            line.startswith("| math-7b")]
+    assert len(rows) == 12
+    for row in rows:
+        for card, rows_at, peak in ((24, 3, 4), (12, 5, 6)):
+            assert int(row[rows_at]) >= 1 and float(row[peak]) <= card - 1.5, row
+
+
+def test_memory_benchmark_runs(capsys):
+    bench.main(["memory", "--model", "tiny-random", "--budgets", "0.001", "--questions", "2", "--new-tokens", "4",
+                "--cap", "8"])
+    assert "| --memory-budget GiB |" in capsys.readouterr().out
+
+
+def test_the_gpu_script_runs_on_a_cpu_at_a_tiny_size(capsys):
+    """The script a GPU lease runs, checked here: every stage of both presets, under two caps."""
+    import bench_gpu
+
+    bench_gpu.main(["--shape", "tiny", "--caps", "0.02", "--margin", "0", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert out.count("| 0.02 | gsm8k-7b |") == 6 and out.count("| 0.02 | math-7b |") == 6

@@ -54,7 +54,7 @@ def rpo_runs(tmp_path_factory):
     pytest.importorskip("accelerate")
     tmp = tmp_path_factory.mktemp("dist")
     run("rpo.py", RPO, tmp / "one", 1)
-    two = run("rpo.py", RPO, tmp / "two", 2)
+    two = run("rpo.py", RPO + ["--sample-batch-size", "4"], tmp / "two", 2)  # other batches: the same samples
     return tmp / "one", tmp / "two", two
 
 
@@ -117,3 +117,19 @@ def test_a_failure_in_main_first_ends_the_others_with_its_error(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "process 1: the main process failed first: RuntimeError: conversion failed" in done.stderr, done.stderr
+
+
+def test_a_process_that_fails_ends_the_others_with_its_error(tmp_path):
+    """One process fails while sampling; the other, waiting for it to gather the samples, ends at once too."""
+    import time
+
+    pytest.importorskip("accelerate")
+    script = tmp_path / "fail.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport dist, rpo, sampler\n\n\n"
+                      "def failing(*args, **kwargs):\n    raise RuntimeError('sampling failed')\n\n\n"
+                      "if dist.rank() == 1:\n    sampler.generate_ids = failing\nrpo.main(sys.argv[1:])\n")
+    start = time.time()
+    done = subprocess.run(launcher(2) + [str(script), *RPO, "--out", str(tmp_path / "run")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and time.time() - start < 120
+    assert "process 1: RuntimeError: sampling failed" in done.stderr, done.stderr[-3000:]

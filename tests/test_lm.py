@@ -10,6 +10,8 @@ from conftest import some_pairs, tiny_config
 import lm
 import rpo
 import rundir
+import sampler
+import training
 from losses import rpo_loss, sequence_logps
 from rundir import read
 
@@ -22,13 +24,13 @@ def test_reference_logps_equal_policy_at_step_0(tmp_path, checkpointing):
     model, tokenizer = lm.load_model(cfg)
     assert lm.checkpointing(model) == checkpointing
     pairs = some_pairs()
-    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
     model.train()
     encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
     chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
     assert torch.allclose(chosen.detach(), torch.tensor([r["chosen"] for r in reference]), atol=1e-5)
     assert torch.allclose(rejected.detach(), torch.tensor([r["rejected"] for r in reference]), atol=1e-5)
-    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
     assert records[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # all of step 1 is before the update
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     # the logged loss is Eq. 1: losses.rpo_loss of the step's pairs
@@ -93,9 +95,9 @@ def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path
     cfg = tiny_config(tmp_path, epochs=4, lr=3e-3, alpha=alpha, sft=sft)
     model, tokenizer = lm.load_model(cfg)
     pairs = some_pairs()
-    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
     before = mean_loss(model, tokenizer, pairs, reference, cfg)
-    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, sft,
+    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, sft,
                        adapter=str(tmp_path / "adapter"))
     after = mean_loss(model, tokenizer, pairs, reference, cfg)
     assert len(records) == 4 * 2 and after < before - 0.05
@@ -110,20 +112,35 @@ def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path
 def test_generation_stops_after_the_final_answer_line():
     _, tokenizer = lm.tiny_random()
     text = tokenizer("so 3 + 4 = 7.\nFinal answer: 7\nQuestion")["input_ids"]
-    done_at = next(i for i in range(1, len(text) + 1) if lm.answer_done(tokenizer, text[:i]))
+    done_at = next(i for i in range(1, len(text) + 1) if sampler.answer_done(tokenizer, text[:i]))
     assert tokenizer.decode(text[:done_at]).endswith("Final answer: 7\n")
 
 
 def test_sample_tokens_follows_softmax_over_temperature_and_leaves_its_input_alone():
+    """With the sampler's own draws: 40,000 rows at one step, and one row over 40,000 steps."""
     logits = torch.tensor([[0.0, 1.0, 2.0, -30.0, 3.0]]).repeat(40000, 1)  # (B, V)
     kept = logits.clone()
-    for temperature in (0.5, 1.0, 2.0):
-        torch.manual_seed(0)
-        counts = torch.bincount(lm.sample_tokens(logits, temperature), minlength=5) / len(logits)
-        expected = torch.softmax(logits[0] / temperature, -1)
-        assert (counts - expected).abs().max() < 0.01, (temperature, counts, expected)
-        assert torch.equal(logits, kept)  # the caller's logits are not changed in place
-    assert lm.sample_tokens(logits[:2], 0.0).tolist() == [4, 4]
+    across_rows = sampler.uniforms(sampler.row_keys(7, range(40000), [0] * 40000), step=3)
+    one_row = sampler.row_keys(7, [0], [0])
+    across_steps = torch.cat([sampler.uniforms(one_row, step) for step in range(40000)])
+    for u in (across_rows, across_steps):
+        for temperature in (0.5, 1.0, 2.0):
+            counts = torch.bincount(sampler.sample_tokens(logits, temperature, u), minlength=5) / len(logits)
+            expected = torch.softmax(logits[0] / temperature, -1)
+            assert (counts - expected).abs().max() < 0.01, (temperature, counts, expected)
+            assert torch.equal(logits, kept)  # the caller's logits are not changed in place
+    assert sampler.sample_tokens(logits[:2], 0.0).tolist() == [4, 4]
+
+
+def test_the_draws_are_uniform_and_unrelated_between_rows_and_steps():
+    keys = sampler.row_keys(0, range(20000), [0] * 20000)
+    u0, u1 = sampler.uniforms(keys, 0), sampler.uniforms(keys, 1)
+    assert 0 <= u0.min() and u0.max() < 1
+    deciles = torch.histc(u0, bins=10, min=0, max=1) / len(u0)
+    assert (deciles - 0.1).abs().max() < 0.01
+    assert abs(torch.corrcoef(torch.stack([u0, u1]))[0, 1]) < 0.03  # a row's next step, another number
+    assert abs(torch.corrcoef(torch.stack([u0[:-1], u0[1:]]))[0, 1]) < 0.03  # the next row, another number
+    assert torch.equal(sampler.uniforms(keys[5:9], 1), u1[5:9])  # a row's draw is its own, whatever the batch
 
 
 def test_generate_ids_equals_model_generate_greedy_with_early_stops():
@@ -135,9 +152,9 @@ def test_generate_ids_equals_model_generate_greedy_with_early_stops():
     model = model.double().eval()
     prompts = [tokenizer(t)["input_ids"] for t in ("1 + 1 = ?", "What is 12 - 5? Think.", "7")]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    free = lm.generate_ids(model, prompts, 1, 0.0, 12, eos, pad)
+    free = sampler.generate_ids(model, prompts, 1, 0.0, 12, eos, pad)
     stop_token = free[0][4]  # rows that sample this token are done (a stand-in for the answer line)
-    ours = lm.generate_ids(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
+    ours = sampler.generate_ids(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
     for k, p in enumerate(prompts):
         plain = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,
@@ -269,14 +286,14 @@ def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
     cfg = tiny_config(tmp_path, epochs=4, lr=3e-3)  # 4 epochs × 2 steps
     model, tokenizer = lm.load_model(cfg)
     pairs = some_pairs()
-    reference = lm.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
     scores, seen = iter([0.2, 0.5, 0.5, 0.1]), []
 
-    def checkpoint():
+    def checkpoint(step):
         seen.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
         return next(scores)
 
-    records = lm.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, checkpoint=checkpoint,
+    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, checkpoint=checkpoint,
                        checkpoints=4, adapter=str(tmp_path / "adapter"))
     assert [r["step"] for r in records if "heldout/accuracy" in r and "step" in r] == [2, 4, 6, 8]
     assert records[-1] == {"iteration": 1, "selected_step": 6, "heldout/accuracy": 0.5}
@@ -314,14 +331,14 @@ def test_the_sampler_reports_every_row_that_ends_once():
     model, tokenizer = lm.tiny_random()
     prompts = [lm.encode_prompt(tokenizer, p) for p in ("a", "bb", "ccc")]
     ended, steps = [], []
-    rows = lm.generate_ids(model, prompts, 2, 1.0, 9, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    rows = sampler.generate_ids(model, prompts, 2, 1.0, 9, tokenizer.eos_token_id, tokenizer.pad_token_id,
                            done=lambda tokens: len(tokens) >= 3,
                            progress=lambda step, n: (steps.append(step), ended.append(n)))
     assert sum(ended) == len(rows) == 6 and steps == list(range(1, len(steps) + 1))
 
 
 def test_training_trains_the_loss_users_copy(tmp_path, monkeypatch):
-    """lm.train computes Eq. 1 by calling losses.rpo_loss, the function the README tells users to copy."""
+    """training.train computes Eq. 1 by calling losses.rpo_loss, the function the README tells users to copy."""
     returned = []
 
     def spy(*args):
@@ -329,11 +346,11 @@ def test_training_trains_the_loss_users_copy(tmp_path, monkeypatch):
         returned.append(out[0].detach())
         return out
 
-    monkeypatch.setattr(lm, "rpo_loss", spy)
+    monkeypatch.setattr(training, "rpo_loss", spy)
     cfg = tiny_config(tmp_path)
     model, tokenizer = lm.load_model(cfg)
     pairs = some_pairs(4)
-    records = lm.train(model, tokenizer, pairs, lm.reference_logps(model, tokenizer, pairs, cfg, "ref"), cfg, 1,
+    records = training.train(model, tokenizer, pairs, training.reference_logps(model, tokenizer, pairs, cfg, "ref"), cfg, 1,
                        lambda r: None)
     assert len(returned) == 4  # one call per micro-batch of 2 pairs, two steps
     assert records[0]["loss"] == pytest.approx(torch.cat(returned[:2]).mean().item(), abs=1e-6)
@@ -347,7 +364,7 @@ def test_the_forward_calls_warn_about_no_deprecated_argument():
     batch = lm.collate([lm.encode_pair(tokenizer, p, 512) for p in some_pairs(2)], tokenizer.pad_token_id)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        lm.generate_ids(model, [[5, 6, 7], [5, 6, 8, 9]], 2, 0.8, 3, 2, 2)
+        sampler.generate_ids(model, [[5, 6, 7], [5, 6, 8, 9]], 2, 0.8, 3, 2, 2)
         lm.pair_logps(model, batch, share_prompt=True)
 
 
@@ -385,3 +402,64 @@ def test_evaluate_votes_with_the_runs_grader(monkeypatch):
         task = lm.TaskConfig(task="math", eval_k=5, math_grader=grader)
         result = lm.evaluate(None, tokenizer, task, [example], [], 0, "test")
         assert result["results"][0]["majority_correct"] == right and result["maj@5"] == right, grader
+
+
+# --- memory: the cache in the compute dtype, rows planned from a budget ------------------------------------------
+
+def cache_spy(monkeypatch):
+    """Every key tensor the KV cache receives, and the bytes of all its layers' keys and values after each."""
+    from transformers.cache_utils import DynamicLayer
+
+    import weakref
+
+    seen = {"dtypes": set(), "peak": 0, "layers": weakref.WeakKeyDictionary()}  # the live caches' layers only
+    real = DynamicLayer.update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        out = real(self, key_states, value_states, *args, **kwargs)
+        seen["dtypes"].add(key_states.dtype)
+        seen["layers"][self] = self.keys.numel() * self.keys.element_size() * 2
+        seen["peak"] = max(seen["peak"], sum(seen["layers"].values()))
+        return out
+
+    monkeypatch.setattr(DynamicLayer, "update", update)
+    return seen
+
+
+def test_qlora_samples_with_its_cache_in_the_compute_dtype(tmp_path, monkeypatch):
+    """4-bit NF4 with bf16 compute (bitsandbytes runs on a CPU too): keys and values are bf16, not the float32 that
+    PEFT's prepare_model_for_kbit_training upcast gave; the logits, and so the log-probs, are float32."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
+    model, tokenizer = lm.load_model(tiny_config(tmp_path, load_in_4bit=True, dtype="bfloat16"))
+    seen = cache_spy(monkeypatch)
+    lm.generate(model, tokenizer, ["Question: 1 + 1?", "Question: 2 + 2?"], 2, 0.8, 4, 4, "sample")
+    assert seen["dtypes"] == {torch.bfloat16}
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    ids = torch.tensor([tokenizer("Final answer: 4")["input_ids"]])
+    assert model(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_the_memory_plan_keeps_the_cache_within_the_budget_and_fills_it(monkeypatch):
+    """A budget in bytes: the rows the plan picks hold at most that, the planned peak takes most of it (one row more
+    would not fit), and the cache the run really holds is the planned cache."""
+    import memory
+
+    model, tokenizer = lm.tiny_random()
+    real = sampler.generate_ids  # no EOS, no answer line: every row runs to its end
+    monkeypatch.setattr(sampler, "generate_ids", lambda model, prompts, n, temperature, new, eos, *args, **kwargs:
+                        real(model, prompts, n, temperature, new, -1, *args, **kwargs))
+    monkeypatch.setattr(sampler, "answer_done", lambda tokenizer, tokens: False)
+    prompts = [f"Question: what is {i} + {i}?" for i in range(16)]
+    longest = max(len(lm.encode_prompt(tokenizer, p)) for p in prompts)
+    costs, space = memory.costs(model), 1_000_000
+    rows = memory.sampling_rows(costs, space, longest, 20, 4, 64)
+    assert 4 < rows < 64
+    assert memory.sampling_peak(costs, rows, longest, 20, 4) <= space < memory.sampling_peak(costs, rows + 1, longest,
+                                                                                            20, 4)
+    assert memory.sampling_peak(costs, rows, longest, 20, 4) > 0.8 * space
+    seen = cache_spy(monkeypatch)
+    budget = (space + memory.resident(model)) / memory.GiB
+    lm.generate(model, tokenizer, prompts, 4, 0.8, 20, 64, "sample", memory_budget=budget)
+    planned = rows * (longest + 20) * costs.cache_token
+    assert 0.9 * planned <= seen["peak"] <= planned

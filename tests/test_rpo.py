@@ -5,10 +5,13 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
-from conftest import DATA, snapshot, tiny_config
+from conftest import DATA, assert_same_files, kill_and_resume_script, snapshot, tiny_config
 
 import data
 import lm
@@ -351,3 +354,83 @@ def test_each_iteration_samples_at_its_temperature(full_run):
     for preset, want in (("gsm8k-7b", [0.8, 0.8, 1.3, 1.3]), ("arc-7b", [0.8, 0.8, 1.3]), ("math-7b", [0.8, 0.8, 1.0])):
         cfg = rundir.parse_config(rpo.Config, ["--preset", preset], rpo.PRESETS)
         assert [rpo.sampling_temperature(cfg, t) for t in range(1, cfg.iterations + 1)] == want, preset
+
+
+# --- a run that fits, and survives a crash ------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--model", "tiny-random", "--n-train", "6", "--n-test", "4", "--samples", "4", "--pairs", "2",
+         "--max-new-tokens", "12", "--add-gold", "--eval-k", "2", "--batch-size", "2", "--grad-accum", "2", "--lr",
+         "1e-3", "--iterations", "1", "--sample-batch-size", "8", "--heldout-questions", "4", "--checkpoints", "2",
+         "--save-minutes", "0"]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("stage, after, resumed", [
+    ("samples", 2, "iter 1: sample (T=0.8): 16 of 24 rows sampled before, 8 to go"),  # 2 of 3 batches of 8 kept
+    ("train", 3, "train M_1: going on after step 3 of 6"),  # killed as it saved step 3, before its held-out check
+])
+def test_a_run_killed_and_started_again_ends_with_the_files_of_one_never_stopped(unbroken, tmp_path, stage, after,
+                                                                                 resumed):
+    out = tmp_path / "run"
+    script = kill_and_resume_script(tmp_path, ROOT)
+    killed = subprocess.run([sys.executable, str(script), stage, str(after), *FLAGS, "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "iter_1" / ("samples.jsonl" if stage == "samples" else "train_log.jsonl")).exists()
+    again = subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert resumed in again.stderr  # what was finished is not computed again
+    assert snapshot(out) == snapshot(unbroken)
+
+
+def test_out_of_memory_halves_the_rows_and_the_run_ends_with_the_same_files(full_run, tmp_path, monkeypatch, capsys):
+    """A forward of more than 3 rows raises the error CUDA raises: every stage goes on with fewer rows."""
+    import functools
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    real = LlamaForCausalLM.forward
+
+    @functools.wraps(real)
+    def forward(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    rpo.run(tiny_config(tmp_path / "run"))
+    err = capsys.readouterr().err
+    for line in ("iter 0: eval greedy: out of memory at 4 rows at once; going on with 2",
+                 "iter 1: sample (T=0.8): out of memory at 8 rows at once; going on with 4",
+                 "iter 1: sample (T=0.8): out of memory at 4 rows at once; going on with 2",
+                 "iter 1: reference: out of memory at 2 pairs at once; going on with 1",
+                 "train: out of memory; the step again at 1 pairs a forward pass"):
+        assert line in err, line
+    assert_same_files(tmp_path / "run", full_run[0])
+
+
+def test_samples_do_not_depend_on_the_rows_sampled_together(tmp_path):
+    for rows in (4, 64):
+        rpo.run(tiny_config(tmp_path / str(rows), iterations=1, sample_batch_size=rows))
+    for name in ("iter_0/eval.json", "iter_1/samples.jsonl"):
+        assert (tmp_path / "4" / name).read_bytes() == (tmp_path / "64" / name).read_bytes(), name
+
+
+def test_a_run_resumes_with_other_speed_settings(full_run, tmp_path):
+    """The sample batch and the memory budget change no sample: a stopped run may go on with other values."""
+    stopped = tmp_path / "run"
+    shutil.copytree(full_run[0], stopped)
+    shutil.rmtree(stopped / "iter_2")
+    rpo.run(tiny_config(stopped, sample_batch_size=3, memory_budget=4.0))
+    assert read(str(stopped / "config.json"))["sample_batch_size"] == 3
+    assert (stopped / "iter_2" / "samples.jsonl").read_bytes() == (full_run[0] / "iter_2" / "samples.jsonl").read_bytes()

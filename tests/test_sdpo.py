@@ -9,6 +9,7 @@ from conftest import sdpo_config as config, snapshot, write_pairs
 import data
 import lm
 import sdpo
+import training
 from rundir import read, seed_everything
 
 
@@ -16,7 +17,7 @@ def logps_under(cfg, adapter, pairs):
     model, tokenizer = lm.load_model(cfg)
     if adapter:
         lm.load_adapter(model, adapter)
-    return lm.reference_logps(model, tokenizer, pairs, cfg, "check")
+    return training.reference_logps(model, tokenizer, pairs, cfg, "check")
 
 
 def test_two_steps_end_to_end(two_steps):
@@ -48,9 +49,9 @@ def test_one_step_is_plain_dpo_on_all_data(tmp_path):
     chunk = read(f"{cfg.out}/step_1/pairs.jsonl")
     assert len(chunk) == 10
     model, tokenizer = lm.load_model(cfg)  # one DPO run over all the training pairs, by hand
-    reference = lm.reference_logps(model, tokenizer, chunk, cfg, "ref")
+    reference = training.reference_logps(model, tokenizer, chunk, cfg, "ref")
     seed_everything(cfg.seed, 1, "train")
-    lm.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
+    training.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
     from peft import load_peft_weights
 
     saved = load_peft_weights(f"{cfg.out}/step_1/adapter")
