@@ -443,7 +443,7 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
     rows = dist.broadcast(memory.sampling_rows(costs, space, longest, max_new_tokens, n, max_rows))  # one plan
     if todo:
         print(memory.plan_line(desc, rows, max_rows, space, memory.sampling_peak(costs, rows, longest, max_new_tokens,
-                                                                                 n), "rows"), file=sys.stderr)
+                                                                                 n), "row"), file=sys.stderr)
     chunks = batches(todo, rows)
     mine = [row for b in dist.mine(len(chunks)) for row in chunks[b]]
     model.eval()

@@ -127,7 +127,8 @@ def scoring_rows(c: Costs, space: int | None, prompt: int, response: int, cap: i
 
 
 def plan_line(label: str, rows: int, cap: int, space: int | None, peak: int, what: str) -> str:
-    """The one line a stage prints about its plan."""
+    """The one line a stage prints about its plan (`what`: "row", "pair")."""
+    what = what if rows == 1 else what + "s"
     if space is None:
         return f"{label}: {rows} {what} at once (the batch-size cap; no memory plan on a CPU without --memory-budget)"
     return (f"{label}: {rows} {what} at once, planned peak {peak / GiB:.2f} of {space / GiB:.2f} GiB available"

@@ -38,7 +38,7 @@ def pair_rows(model, encoded: list, indices, cfg: lm.Config, grad: bool, label: 
     response = max((max(len(encoded[i][1]), len(encoded[i][2])) for i in indices), default=1)
     rows = memory.scoring_rows(costs, space, prompt, response, cfg.batch_size, grad, shared)
     peak = memory.scoring_peak(costs, rows, prompt, response, grad, shared)
-    print(memory.plan_line(label, rows, cfg.batch_size, space, peak, "pairs"), file=sys.stderr)
+    print(memory.plan_line(label, rows, cfg.batch_size, space, peak, "pair"), file=sys.stderr)
     return rows
 
 
