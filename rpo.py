@@ -14,7 +14,9 @@ The algorithm, in the paper's words (Sec. 2), for iterations t = 1 … T, starti
 Where this code departs from the paper, and why:
   - QLoRA/LoRA instead of full fine-tuning of Llama-2-70B-Chat, so a 7B model fits one consumer GPU. The adapter
     carries over from iteration to iteration: M_t = base + adapter_t, initialised from adapter_{t-1}. LoRA needs
-    a larger learning rate than the paper's 7e-7 for full fine-tuning; the presets say which they use.
+    a larger learning rate than the paper's 7e-7 for full fine-tuning; the presets say which they use. The frozen
+    model computes in bf16 on CUDA (its KV cache too), its output head in float32 so log-probs keep their
+    precision; each stage runs as many rows at once as its memory plan allows (`memory.py`).
   - The reference M_{t-1} is never held in memory: since the policy starts as M_{t-1}, the reference log-probs are
     the policy's own log-probs before its first update, computed once per iteration. Disabling the adapter would
     give the *base* model, the wrong reference from iteration 2 on.
@@ -58,7 +60,9 @@ Where this code departs from the paper, and why:
 
 Run directory: config.json, metrics.jsonl, iter_0/eval.json (M_0), and for each iteration iter_t/ with
 samples.jsonl, stats.json, pairs.jsonl, reference.jsonl, adapter/ (PEFT format), train_log.jsonl, eval.json.
-Every file is written atomically; running the same command again resumes after the last finished stage.
+Every file is written atomically; running the same command again resumes where the run stopped, inside a stage
+too (a running stage keeps its finished parts in `<file>.parts/`). Sample n of question x draws from a random
+stream of its own, seeded by the stage, x's id and n: the batch it ran in never changes it.
 """
 import math
 import random
