@@ -6,6 +6,7 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
     python bench.py reward                 # the reward on the published GSM8K, MATH-500 and ARC files
     python bench.py plan                   # the memory plan of the 7B presets' stages, computed from the config
     python bench.py memory                 # the plan against the KV cache a CPU run holds (SmolLM2)
+    python bench.py sampler                # issue 21's sampler candidates on this machine (SmolLM2)
     python bench_gpu.py                    # on a GPU: the 7B presets' stages under 24 and 12 GiB caps, measured
 
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
@@ -482,6 +483,21 @@ def bench_memory(args) -> None:
                           "tok/s"], rows))
 
 
+def bench_sampler(args) -> None:
+    """Issue 21's sampler candidates on this machine (`bench_gpu.run_sampler`): the same rows through each, forced to
+    their full length, alternating candidates within one process."""
+    import bench_gpu
+
+    model, _ = lm.load_model(lm.Config(model=args.model))
+    rows = []
+    for _ in range(args.repeats):
+        rows += bench_gpu.run_sampler(model, args.rows, args.prompt, args.steps, model.config.vocab_size, 0.0)
+    print(header(f"Sampler candidates, {args.model}, random prompts of {args.prompt} tokens, {args.steps} tokens a "
+                 f"row, T = 0.8, no row stopping; {args.repeats} rounds"))
+    print(markdown_table(["candidate", "rows", "tokens/s", "ms a step", "peak GiB", "share of the bandwidth floor",
+                          "hours a GSM8K iteration (39M tokens)"], rows))
+
+
 def rss_reset() -> int:
     """Reset the process's peak resident memory (Linux: /proc/self/clear_refs) and return the current one."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -528,9 +544,15 @@ def main(argv=None) -> None:
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--cap", type=int, default=128)
+    p = sub.add_parser("sampler", help="issue 21's sampler candidates, forced to their full length")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rows", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--prompt", type=int, default=165, help="tokens of each (random) prompt")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     {"sample": bench_sample, "train": bench_train, "train-side": train_side, "reward": bench_reward,
-     "plan": bench_plan, "memory": bench_memory}[args.what](args)
+     "plan": bench_plan, "memory": bench_memory, "sampler": bench_sampler}[args.what](args)
 
 
 if __name__ == "__main__":

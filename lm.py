@@ -100,6 +100,9 @@ class TaskConfig:
     max_new_tokens: int = arg(96, "most tokens sampled per response", min=1)
     sample_batch_size: int = arg(64, "sequences sampled together (prompts × samples per prompt); memory grows with "
                                  "it", min=1)
+    sampler: str = arg("loop", "the token loop: loop (a batch whose rows leave as they end) or slots (as many rows "
+                       "in flight, refilled as they end, every step of one shape: a candidate for CUDA graphs); the "
+                       "same samples either way", choices=("loop", "slots"))
     eval_k: int = arg(0, "k of maj@k on the test split, 0 = greedy only [32]", min=0)
     eval_temperature: float = arg(0.8, "temperature of the maj@k samples [0.8]", above=0)
     math_grader: str = arg("builtin", "MATH answers equal by: builtin (notation: fractions, signs, units, \\text{}, "
@@ -418,7 +421,7 @@ def example_keys(examples: list) -> list:
 
 def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_new_tokens: int, max_rows: int,
              desc: str, stats: dict | None = None, keys: list | None = None, parts=None,
-             memory_budget: float = 0.0) -> list:
+             memory_budget: float = 0.0, loop: str = "loop") -> list:
     """n completions of each prompt (temperature 0 = greedy), as (text, truncated) pairs: the text cut where it ends
     (`data.completion_end`), and whether it was cut off at max_new_tokens before it ended.
 
@@ -427,7 +430,8 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
     Rows run in order of prompt length, as many at once as the memory plan allows (`memory.sampling_rows`, at most
     max_rows; an out-of-memory error halves them), and under a launcher every P-th batch on each process. Each
     finished batch is kept in `parts` (`rundir.Parts`): a restarted stage reads them back and samples only the
-    rest. `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
+    rest. `loop`: `sampler.generate_ids` ("loop") or `sampler.generate_slots` ("slots": batches of 4 × the rows,
+    that many in flight, each slot's cache as long as twice the longest prompt and the new tokens). `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
     returned texts)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     keys = list(range(len(prompts))) if keys is None else keys
@@ -440,11 +444,13 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         print(f"{desc}: {len(finished)} of {len(prompts) * n} rows sampled before, {len(todo)} to go", file=sys.stderr)
     costs, space = memory.costs(model), memory.available(memory_budget, model)
     longest = max((len(encoded[i]) for i, _ in todo), default=1)
-    rows = dist.broadcast(memory.sampling_rows(costs, space, longest, max_new_tokens, n, max_rows))  # one plan
+    held = 2 * longest if loop == "slots" else longest  # the prompt part of a row's cache
+    rows = dist.broadcast(memory.sampling_rows(costs, space, held, max_new_tokens, n, max_rows))  # one plan
     if todo:
-        print(memory.plan_line(desc, rows, max_rows, space, memory.sampling_peak(costs, rows, longest, max_new_tokens,
-                                                                                 n), "row"), file=sys.stderr)
-    chunks = batches(todo, rows)
+        print(memory.plan_line(desc, rows, max_rows, space, memory.sampling_peak(costs, rows, held, max_new_tokens, n),
+                               "row"), file=sys.stderr)
+    batch = 4 * rows if loop == "slots" else rows  # slots: 4 × the rows through `rows` slots, then kept
+    chunks = batches(todo, batch)
     mine = [row for b in dist.mine(len(chunks)) for row in chunks[b]]
     model.eval()
     start, counts, done = time.time(), {"computed": 0, "kept": 0}, {}
@@ -458,11 +464,12 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
 
     def sample(chunk):  # one batch: its prompts prefilled once each, then their rows
         distinct = list(dict.fromkeys(i for i, _ in chunk))
-        tokens = sampler.generate_ids(
+        how = dict(slots=max(1, len(chunk) * rows // batch)) if loop == "slots" else {}
+        tokens = (sampler.generate_slots if loop == "slots" else sampler.generate_ids)(
             model, [encoded[i] for i in distinct], [sum(i == j for j, _ in chunk) for i in distinct], temperature,
             max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
             lambda row: sampler.answer_done(tokenizer, row), progress,
-            sampler.row_keys(seed, [keys[i] for i, _ in chunk], [s for _, s in chunk]))
+            sampler.row_keys(seed, [keys[i] for i, _ in chunk], [s for _, s in chunk]), **how)
         results = {}
         for row, out in zip(chunk, tokens):
             text = tokenizer.decode(out, skip_special_tokens=True)
@@ -478,7 +485,7 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         done.update(results)
         bar.set_postfix_str(f"{counts['computed'] / (time.time() - start):.0f} tok/s")
 
-    memory.in_chunks(mine, rows, sample, desc, "row", "--max-new-tokens")
+    memory.in_chunks(mine, batch, sample, desc, "row", "--max-new-tokens")
     bar.close()
     finished.update(dist.merge(done))
     if stats is not None:
@@ -553,7 +560,7 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
     prompts, keys = [task_prompt(tokenizer, ex, shots) for ex in examples], example_keys(examples)
     greedy = generate(model, tokenizer, prompts, 1, 0.0, task.max_new_tokens, task.sample_batch_size,
                       f"{label} {t}: eval greedy", keys=keys, parts=parts and parts.sub("greedy"),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, loop=task.sampler)
     results = []
     for ex, [(completion, truncated)] in zip(examples, greedy):
         extracted, correct = data.judge(completion, ex["answer"], ex["task"], ex.get("choices"), truncated,
@@ -565,7 +572,8 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
     if task.eval_k:
         votes = generate(model, tokenizer, prompts, task.eval_k, task.eval_temperature, task.max_new_tokens,
                          task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}", keys=keys,
-                         parts=parts and parts.sub(f"maj@{task.eval_k}"), memory_budget=memory_budget)
+                         parts=parts and parts.sub(f"maj@{task.eval_k}"), memory_budget=memory_budget,
+                         loop=task.sampler)
         for r, ex, outs in zip(results, examples, votes):
             vote = majority([data.judge(o, ex["answer"], ex["task"], ex.get("choices"), cut)[0]
                              for o, cut in outs if not cut], ex["task"], ex.get("choices"),

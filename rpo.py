@@ -135,7 +135,8 @@ def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list
     prompts = [lm.task_prompt(tokenizer, ex, shots) for ex in examples]
     completions = lm.generate(model, tokenizer, prompts, cfg.samples_per_question, temperature, cfg.max_new_tokens,
                               cfg.sample_batch_size, f"iter {t}: sample (T={temperature})",
-                              keys=lm.example_keys(examples), parts=parts, memory_budget=cfg.memory_budget)
+                              keys=lm.example_keys(examples), parts=parts, memory_budget=cfg.memory_budget,
+                              loop=cfg.sampler)
     records = []
     for ex, prompt, outs in zip(examples, prompts, completions):
         for n, (text, truncated) in enumerate(outs):

@@ -142,7 +142,7 @@ class Clock:
 
 PARTS = ".parts"
 # Settings of speed alone: no sample, score or step depends on them, so a run may resume with other values.
-SPEED = {"sample_batch_size", "memory_budget", "save_minutes"}
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "sampler"}
 
 
 class Parts:

@@ -65,3 +65,10 @@ def test_the_gpu_script_runs_on_a_cpu_at_a_tiny_size(capsys):
     bench_gpu.main(["--shape", "tiny", "--caps", "0.02", "--margin", "0", "--steps", "2"])
     out = capsys.readouterr().out
     assert out.count("| 0.02 | gsm8k-7b |") == 6 and out.count("| 0.02 | math-7b |") == 6
+
+
+def test_sampler_benchmark_runs(capsys):
+    bench.main(["sampler", "--model", "tiny-random", "--rows", "8", "--prompt", "6", "--steps", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for candidate in ("loop", "slots", "merged copy + loop", "transformers continuous batching"):
+        assert f"| {candidate} | 8 |" in out, candidate
