@@ -3,7 +3,7 @@ results gathered back in their order, so that the run directory does not depend 
 
     rank, size       this process and how many there are (0 and 1 without a launcher)
     mine(n)          the indices of n units of work (batches) that this process computes: every size-th one
-    gather(done, n)  {index: result} of every process → the n results in order, on every process
+    merge(done)      every process's {key: result}, united, on every process
     sum_(tensors)    summed over the processes in place (the gradients of a training step, as DDP does)
     main_first(f)    f() on the main process, then on the others (a download or a conversion into a cache)
     run(f)           f(); a process that fails ends at once, so the others fail at once too instead of waiting
@@ -12,8 +12,9 @@ results gathered back in their order, so that the run directory does not depend 
 A launcher starts the processes (`accelerate launch` on GPUs, `torchrun` on CPUs: Accelerate 1.15's `--cpu
 --num_processes P` starts one process) and Accelerate joins their process group (NCCL on GPUs, gloo on CPUs); this
 module only asks it where it is. A plain `python rpo.py` never imports accelerate: one process, and
-every function here is trivial. The main process alone writes files (`rundir.RunDir`) and prints; the others
-are silent but for their errors.
+every function here is trivial. The main process alone writes the run's files (`rundir.RunDir`) and prints; each
+process keeps its own finished parts of a running stage (`rundir.Parts`); the others are silent but for their
+errors.
 """
 import os
 import sys
@@ -87,18 +88,6 @@ def device():
 def mine(n: int) -> range:
     """The units of work (of n, in order) that this process computes: every size()-th one, from its rank on."""
     return range(rank(), n, size())
-
-
-def gather(done: dict, n: int) -> list:
-    """The n results in order, on every process, from each process's {index: result} of `mine(n)`."""
-    if not LAUNCHED:
-        return [done[i] for i in range(n)]
-    import torch.distributed as torch_dist
-
-    parts = [None] * size()
-    torch_dist.all_gather_object(parts, done)
-    merged = {i: r for part in parts for i, r in part.items()}
-    return [merged[i] for i in range(n)]
 
 
 def merge(done: dict) -> dict:

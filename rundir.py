@@ -200,10 +200,10 @@ class RunDir:
             if have.get("script") != script and finished:
                 sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
                          "--out")
-            if config_diff(have, self.config, set(grows) | SPEED) and finished:
-                sys.exit(f"{path}: this run directory holds a run with another config "
-                         f"({', '.join(config_diff(have, self.config))}); use another --out, or delete the directory "
-                         "to start over")
+            differs = config_diff(have, self.config, set(grows) | SPEED)
+            if differs and finished:
+                sys.exit(f"{path}: this run directory holds a run with another config ({', '.join(differs)}); use "
+                         "another --out, or delete the directory to start over")
             self.claimed = have == self.config
         elif os.path.isdir(self.out) and os.listdir(self.out):
             sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
