@@ -144,8 +144,18 @@ def arith_problems(
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders of the public formats, from local files (JSONL; Parquet when pyarrow is installed)
 
+# A data set by name: owner/name, then :config and :split as `datasets.load_dataset` takes them
+HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.-]*){0,2}")
+
+
 def read_records(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) for each record of a JSONL or Parquet file; DataError on anything malformed."""
+    """(line number, record) for each record of a JSONL or Parquet file, or (row, record) of a data set read through
+    Hugging Face `datasets` (an optional extra): a folder written by `save_to_disk` (`folder:split` for a
+    DatasetDict), or a data set by name, `owner/name:config:split`. DataError on anything malformed or missing."""
+    folder = path.rsplit(":", 1)[0] if ":" in path and os.path.isdir(path.rsplit(":", 1)[0]) else path
+    if os.path.isdir(folder) or (not os.path.exists(path) and HUB_ID_RE.fullmatch(path)
+                                 and not path.endswith((".jsonl", ".json", ".parquet"))):
+        return _dataset_records(path, folder if os.path.isdir(folder) else None)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if path.endswith(".parquet"):
@@ -178,6 +188,32 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     if not records:
         raise DataError(f"{path}: no records (empty file)")
     return records
+
+
+def _dataset_records(spec: str, folder: str | None) -> list[tuple[int, dict]]:
+    """The rows of a data set through `datasets`: a saved folder (`load_from_disk`), or by name from the hub (or the
+    Hugging Face cache, offline)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: a data set folder or name is read with Hugging Face datasets: pip install "
+                        "datasets") from None
+    split = spec[len(folder) + 1:] if folder and spec != folder else None
+    try:
+        if folder:
+            loaded = datasets.load_from_disk(folder)
+            loaded = loaded[split] if split else loaded
+        else:
+            name, config, split = (spec.split(":") + ["", ""])[:3]
+            loaded = datasets.load_dataset(name, config or None, split=split or None)
+    except Exception as e:  # offline and not cached, no such data set, no such config or split
+        raise DataError(f"{spec}: not a file, and datasets cannot load it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{spec}: holds the splits {', '.join(loaded)}; name one: {spec}:{next(iter(loaded))}")
+    if not len(loaded):
+        raise DataError(f"{spec}: no records (an empty data set)")
+    return list(enumerate(loaded, start=1))
 
 
 def _field(record: dict, key: str, kind: type, where: str):
@@ -271,15 +307,39 @@ def _message_text(value, key: str, where: str, prompt: bool):
     raise DataError(f"{where}: field '{key}' should be a string or a list of {{role, content}} messages")
 
 
+def _preference_layout(record: dict, where: str) -> dict:
+    """A preference record with a `prompt`: as it is (TRL's explicit layouts); the sDPO paper's OpenOrca pairs
+    (Intel/orca_dpo_pairs: `system`, `question`, `chosen`, `rejected` strings), the system prompt kept as a system
+    message; or TRL's implicit prompt (trl-lib/ultrafeedback_binarized: `chosen` and `rejected` conversations that
+    share their opening turns, which are the prompt)."""
+    if "prompt" in record:
+        return record
+    if isinstance(record.get("question"), str) and "chosen" in record and "rejected" in record:
+        system = record.get("system") or ""
+        prompt = ([{"role": "system", "content": system}] if system.strip() else []) + \
+            [{"role": "user", "content": record["question"]}]
+        return {**record, "prompt": prompt}
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
+        shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+        if not shared:
+            raise DataError(f"{where}: 'chosen' and 'rejected' share no opening turn, and there is no 'prompt'")
+        return {**record, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    raise DataError(f"{where}: not a preference pair: looked for 'prompt', 'chosen', 'rejected' (TRL's layouts), "
+                    "'question', 'chosen', 'rejected' with an optional 'system' (OpenOrca's), or 'chosen' and "
+                    "'rejected' conversations that share their opening turns (TRL's implicit prompt)")
+
+
 def load_preferences(path: str) -> list[dict]:
-    """Preference pairs {prompt, chosen, rejected} from JSONL/Parquet, TRL's standard (strings) or conversational
-    (message lists) layout. `prompt` stays a string or a message list; `chosen`/`rejected` become the response
-    strings. The `pairs.jsonl` written by rpo.py is in this layout too; its `rejected_truncated` (a loser cut off at
+    """Preference pairs {prompt, chosen, rejected} from JSONL/Parquet or a data set (`read_records`), TRL's standard
+    (strings) or conversational (message lists) layout, OpenOrca's or TRL's implicit prompt (`_preference_layout`).
+    `prompt` stays a string or a message list; `chosen`/`rejected` become the response strings. The `pairs.jsonl` written by rpo.py is in this layout too; its `rejected_truncated` (a loser cut off at
     the token limit) is kept, so that sDPO scores that loser without an EOS, as rpo.py does.
     """
     pairs = []
     for number, record in read_records(path):
         where = f"{path}:{number}"
+        record = _preference_layout(record, where)
         pair = {key: _message_text(_field(record, key, (str, list), where), key, where, key == "prompt")
                 for key in ("prompt", "chosen", "rejected")}
         for key in ("id", "answer", "task"):
@@ -574,6 +634,30 @@ def same_answer(a: str | None, b: str | None, task: str, choices: list | None = 
     if a is None or b is None:
         return False
     return a == b or answers_match(a, b, task, choices, grader) or answers_match(b, a, task, choices, grader)
+
+
+# lm-evaluation-harness' GSM8K scores (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3.0), for setting ours beside
+# published ones: "flexible-extract" takes the last match of this pattern in the completion (its first non-empty
+# group), "[invalid]" if none, and exact_match compares it with the gold after removing these patterns from both,
+# case folded. Its "strict-match" reads "#### <number>"; ours reads the paper's "Final answer:" line (`judge`).
+FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+LM_EVAL_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+
+
+def flexible_extract(completion: str) -> str:
+    """lm-evaluation-harness' flexible-extract of a completion: its last number-like span, or "[invalid]"."""
+    found = FLEXIBLE_RE.findall(completion[-TAIL_CHARS:])
+    return next(group for group in found[-1] if group).strip() if found else "[invalid]"
+
+
+def lm_eval_exact_match(prediction: str, gold: str) -> int:
+    """lm-evaluation-harness' exact_match with GSM8K's settings: 1 if equal once the ignored patterns are removed."""
+    def clean(text):
+        for pattern in LM_EVAL_IGNORE:
+            text = re.sub(pattern, "", text)
+        return text.lower()
+
+    return int(clean(prediction) == clean(gold))
 
 
 def judge(completion: str, gold: str, task: str, choices: list | None = None, truncated: bool = False,

@@ -567,8 +567,14 @@ def evaluate(model, tokenizer, task: TaskConfig, examples: list, shots: list, t:
                                         task.math_grader)
         results.append({"id": ex["id"], "completion": completion, "extracted": extracted, "gold": ex["answer"],
                         "correct": correct, "truncated": truncated})
+        if ex["task"] in data.NUMERIC_TASKS:  # lm-evaluation-harness' second GSM8K score, to compare with others
+            results[-1]["flexible"] = data.flexible_extract(completion)
+            results[-1]["flexible_correct"] = data.lm_eval_exact_match(results[-1]["flexible"], ex["answer"])
     summary = {"iteration": t, "n": len(examples), "accuracy": sum(r["correct"] for r in results) / len(results),
                "truncated": sum(r["truncated"] for r in results)}
+    if "flexible" in results[0]:
+        summary["strict-match"] = summary["accuracy"]  # ours: the "Final answer:" line, by the reward
+        summary["flexible-extract"] = sum(r["flexible_correct"] for r in results) / len(results)
     if task.eval_k:
         votes = generate(model, tokenizer, prompts, task.eval_k, task.eval_temperature, task.max_new_tokens,
                          task.sample_batch_size, f"{label} {t}: eval maj@{task.eval_k}", keys=keys,

@@ -267,14 +267,17 @@ def summary_rows(out: RunDir, cfg: Config) -> list:
         result = read(out.path(t, "eval.json"))
         rows.append({"iteration": t, "questions": stats.get("questions_with_pairs"), "pairs": stats.get("pairs"),
                      "train_accuracy": stats.get("train_accuracy"), "test_accuracy": result["accuracy"],
+                     "flexible": result.get("flexible-extract"),
                      "test_n": result["n"], "majority": result.get(f"maj@{cfg.eval_k}"),
                      "checkpoint": selected[0] if selected else None, "versus_m0": flips(first, result)})
     return rows
 
 
 def format_table(rows: list, cfg: Config) -> str:
-    """The run's table: per iteration its pairs, its checkpoint, its test accuracy, and the test questions it
-    answers right that M_0 got wrong (gained) and the reverse (lost), with the sign test's p on them."""
+    """The run's table: per iteration its pairs, its checkpoint, its test accuracy (lm-evaluation-harness readers'
+    strict-match: the "Final answer:" line), and the test questions it answers right that M_0 got wrong (gained)
+    and the reverse (lost), with the sign test's p on them; on GSM8K and arith also lm-evaluation-harness'
+    flexible-extract (the completion's last number) and maj@k."""
     def cell(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}" if pct else str(v))
 
@@ -284,12 +287,14 @@ def format_table(rows: list, cfg: Config) -> str:
     def versus(r):
         return "-" if r["iteration"] == 0 else "{} / {} (p = {:.2g})".format(*r["versus_m0"])
 
+    flexible = rows[0]["flexible"] is not None  # a numeric task: lm-evaluation-harness' second GSM8K score too
     head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "checkpoint (held-out acc %)",
             f"test acc % (n = {rows[0]['test_n']})", "vs M_0: gained / lost (sign test)"] + \
-        ([f"maj@{cfg.eval_k} %"] if cfg.eval_k else [])
+        (["flexible-extract %"] if flexible else []) + ([f"maj@{cfg.eval_k} %"] if cfg.eval_k else [])
     return markdown_table(head, [[r["iteration"], cell(r["questions"]), cell(r["pairs"]),
                                   cell(r["train_accuracy"], True), checkpoint(r["checkpoint"]),
                                   cell(r["test_accuracy"], True), versus(r)] +
+                                 ([cell(r["flexible"], True)] if flexible else []) +
                                  ([cell(r["majority"], True)] if cfg.eval_k else []) for r in rows])
 
 

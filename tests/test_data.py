@@ -1,5 +1,6 @@
 """data.py: every extraction rule on realistic completions, the normalisations, the loaders and their errors."""
 import json
+import os
 import time
 
 import pytest
@@ -389,3 +390,81 @@ def test_the_arith_defaults_are_the_flags_defaults():
     assert arith_problems(5, "test") == arith_problems(5, "test", operands=task.arith_operands,
                                                        digits=task.arith_digits, ops=task.arith_ops,
                                                        test_every=task.arith_test_every)
+
+
+# --- lm-evaluation-harness' GSM8K scores, to set ours beside published ones -------------------------------------
+
+@pytest.mark.parametrize("completion, gold, extracted, right", [
+    ("So 3 + 4 = 7.\nFinal answer: 7", "7", "7", 1),
+    ("It costs $1,234.", "1234", "$1,234.", 1),  # "$", "," and a final "." are ignored in the comparison
+    ("7.5 then 8", "8", "8", 1),  # the last match
+    ("= 72.50", "72.5", "72.50", 0),  # compared as strings, as there: not equal by value
+    ("Final answer: 20 (= 5 x 4)", "20", "4", 0),  # the last number, whatever it is
+    ("no number at all", "5", "[invalid]", 0),
+    ("-3 degrees", "-3", "-3", 1),
+])
+def test_flexible_extract_is_lm_evaluation_harness_rule(completion, gold, extracted, right):
+    """Its regex (-?[$0-9.,]{2,})|(-?[0-9]+), the last match, first non-empty group; exact_match with ",", "\\$",
+    "(?s).*#### " and "\\.$" removed from both sides, case folded (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3.0)."""
+    assert data.flexible_extract(completion) == extracted
+    assert data.lm_eval_exact_match(extracted, gold) == right
+
+
+# --- the preference layouts users bring, and data by name ------------------------------------------------------
+
+def test_the_preference_layouts_of_the_sdpo_papers_data_sets(tmp_path):
+    """Rows shaped as the published ones: Intel/orca_dpo_pairs (sDPO's first data set), trl-lib/ultrafeedback_binarized
+    (TRL's implicit prompt), argilla/ultrafeedback-binarized-preferences-cleaned (sDPO's second)."""
+    orca = write(tmp_path, "orca.jsonl", [
+        {"system": "You are an AI assistant.", "question": "What is 2 + 2?", "chosen": "4.", "rejected": "5."},
+        {"system": "", "question": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}])
+    a, b = data.load_preferences(orca)
+    assert a == {"prompt": [{"role": "system", "content": "You are an AI assistant."},
+                            {"role": "user", "content": "What is 2 + 2?"}], "chosen": "4.", "rejected": "5."}
+    assert b["prompt"] == [{"role": "user", "content": "Name a colour."}]  # no empty system message
+    implicit = write(tmp_path, "implicit.jsonl", [{
+        "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}],
+        "score_chosen": 8.0, "score_rejected": 2.0}])
+    (pair,) = data.load_preferences(implicit)
+    assert pair == {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello.", "rejected": "Go away."}
+    argilla = write(tmp_path, "argilla.jsonl", [{
+        "prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}]}])
+    assert data.load_preferences(argilla)[0] == {"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}
+    unknown = write(tmp_path, "unknown.jsonl", [{"instruction": "Hi?", "output": "Hello."}])
+    with pytest.raises(DataError, match=r"unknown\.jsonl:1: not a preference pair: looked for 'prompt', 'chosen', "
+                                        r"'rejected' \(TRL's layouts\), 'question'"):
+        data.load_preferences(unknown)
+
+
+def test_a_data_set_folder_written_by_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": "Tom has 3 apples and gets 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    for spec in (str(tmp_path / "one"), str(tmp_path / "splits") + ":train"):
+        (ex,) = load_examples("gsm8k", spec)
+        assert (ex["answer"], ex["solution"], ex["id"]) == ("7", "3 + 4 = 7", "gsm8k-1")
+    with pytest.raises(DataError, match=r"splits: holds the splits train; name one: .*splits:train"):
+        load_examples("gsm8k", str(tmp_path / "splits"))
+    datasets.Dataset.from_list([{"q": "x"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad:1: missing field 'question'"):
+        load_examples("gsm8k", str(tmp_path / "bad"))
+
+
+def test_a_data_set_by_name_that_cannot_be_reached_is_one_line(tmp_path):
+    """Offline (HF_HUB_OFFLINE), an id that is in no cache: one line naming it, before any work."""
+    pytest.importorskip("datasets")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "rpo.py", "--model", "tiny-random", "--task", "gsm8k", "--train-file",
+                           "nobody/no-such-gsm8k:main:train", "--test-file", "nobody/no-such-gsm8k:main:test", "--out",
+                           str(tmp_path / "run")], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("rpo.py: error: nobody/no-such-gsm8k:main:train: not a file, and datasets cannot "
+                                  "load it")
+    assert not (tmp_path / "run").exists()

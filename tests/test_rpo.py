@@ -226,6 +226,10 @@ def test_whole_loop_on_the_published_gsm8k(tmp_path):
     assert gold and gold[0]["chosen"].endswith(f"\nFinal answer: {first['answer']}") and "<<" not in gold[0]["chosen"]
     assert len([r for r in read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl")) if "loss" in r]) == 1
     assert [r["iteration"] for r in rows] == [0, 1] and read(str(tmp_path / "run" / "iter_1" / "eval.json"))["n"] == 2
+    evaluation = read(str(tmp_path / "run" / "iter_1" / "eval.json"))  # both GSM8K scores lm-eval readers know
+    assert evaluation["strict-match"] == evaluation["accuracy"]
+    assert evaluation["flexible-extract"] == sum(data.lm_eval_exact_match(data.flexible_extract(r["completion"]),
+                                                                          r["gold"]) for r in evaluation["results"]) / 2
 
 
 def test_heldout_questions_pick_the_checkpoint_and_are_never_sampled(full_run):
