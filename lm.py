@@ -29,6 +29,7 @@ import data
 import dist
 import memory
 import sampler
+import trackers
 from losses import sequence_logps
 from rundir import atomic, seed_everything
 
@@ -81,6 +82,9 @@ class Config:
     lora_targets: str = arg("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list")
     seed: int = arg(0, "seed of data, sampling, LoRA init and shuffling")
     out: str = arg("runs/demo", "run directory")
+    report_to: list[str] = arg(["none"], "trackers the metrics also go to (TRL's flag): none, tensorboard, trackio, "
+                               "wandb, several allowed; each is its own package (pip install tensorboard, trackio, "
+                               "wandb)", choices=trackers.REPORT_TO, min_items=1)
 
 
 @dataclass

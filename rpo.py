@@ -71,6 +71,7 @@ from dataclasses import dataclass, replace
 
 import data
 import lm
+import trackers
 import training
 from lm import arg
 from rundir import RunDir, flips, main as run_main, markdown_table, read
@@ -198,10 +199,16 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
                 pairs.append(pair)
     if cfg.max_pairs and len(pairs) > cfg.max_pairs:
         pairs = random.Random(f"{cfg.seed}-cap-{t}").sample(pairs, cfg.max_pairs)
+    rewards = {}
+    for s in samples:
+        rewards.setdefault(s["id"], set()).add(s["reward"])
+    lengths = [len(ids) for ids in tokenizer([s["completion"] for s in samples], add_special_tokens=False)["input_ids"]]
     stats = {"questions": len(examples), "questions_with_pairs": len({p["id"] for p in pairs}),
              "pairs": len(pairs), "dropped_too_long": too_long,
              "train_accuracy": sum(s["reward"] for s in samples) / max(1, len(samples)),
-             "samples": len(samples), "truncated": sum(s.get("truncated", False) for s in samples)}
+             "samples": len(samples), "truncated": sum(s.get("truncated", False) for s in samples),
+             "questions_with_right_and_wrong": sum(len(r) == 2 for r in rewards.values()),
+             "mean_length": sum(lengths) / max(1, len(lengths))}  # tokens of a completion, as sampled
     print(f"iter {t}: {stats['pairs']} {'SFT examples' if cfg.sft else 'pairs'} from "
           f"{stats['questions_with_pairs']}/{len(examples)} questions; {too_long} dropped as longer than "
           f"{cfg.max_length} tokens; {stats['truncated']} of {len(samples)} samples cut off at "
@@ -221,6 +228,7 @@ TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    trackers.check(cfg.report_to)
     train_set, test_set, shots, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
     out = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
     print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
@@ -247,6 +255,7 @@ def run(cfg: Config) -> list:
             model, tokenizer, cfg, train_set, shots, t, out.parts(t, "samples.jsonl")))            # reward
         _, pairs = out.stage(t, ("stats.json", "pairs.jsonl"),                                 # 3. pair
                              lambda: pair_up(tokenizer, cfg, samples, train_set, t))
+        show(out, t, samples, pairs, cfg.seed)                                                 # (--report-to)
         reference = out.stage(t, "reference.jsonl", lambda: training.reference_logps(          # π_ref = M_{t-1}, once
             model, tokenizer, pairs, cfg, f"iter {t}: reference", out.parts(t, "reference.jsonl")))
         out.stage(t, "train_log.jsonl", seed="train", compute=lambda: training.train(          # 4. train M_t, Eq. 1;
@@ -254,9 +263,24 @@ def run(cfg: Config) -> list:
             heldout_accuracy if heldout else None, cfg.checkpoints, out.parts(t, "train_log.jsonl")))
         lm.load_adapter(model, out.path(t, "adapter"))                                         # M_t
         out.stage(t, "eval.json", lambda: evaluate(t), seed="eval")                            # 5. evaluate
+    out.close()
     rows = summary_rows(out, cfg)
     print(format_table(rows, cfg))
     return rows
+
+
+def show(out: RunDir, t: int, samples: list, pairs: list, seed: int, rows: int = 16) -> None:
+    """A seeded sample of iteration t's completions and of its pairs, as tables in the trackers of --report-to."""
+    def text(prompt):
+        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+    pick = random.Random(f"{seed}-show-{t}")
+    out.table(t, "completions", [{"prompt": text(s["prompt"]), "completion": s["completion"],
+                                  "extracted": s["extracted"], "reward": s["reward"], "cut off": s["truncated"]}
+                                 for s in pick.sample(samples, min(rows, len(samples)))])
+    out.table(t, "pairs", [{"prompt": text(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"],
+                            "gold": p.get("answer"), "rejected cut off": p.get("rejected_truncated", False)}
+                           for p in pick.sample(pairs, min(rows, len(pairs)))])
 
 
 def summary_rows(out: RunDir, cfg: Config) -> list:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import data
 import dist
+import trackers
 
 
 @contextlib.contextmanager
@@ -141,8 +142,9 @@ class Clock:
 
 
 PARTS = ".parts"
-# Settings of speed alone: no sample, score or step depends on them, so a run may resume with other values.
-SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "sampler"}
+# Settings of speed (and of where metrics also go) alone: no sample, score or step depends on them, so a run may
+# resume with other values.
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "sampler", "report_to"}
 
 
 class Parts:
@@ -190,7 +192,7 @@ class RunDir:
         iterations) and the speed settings (`SPEED`) may differ from the run's: it continues with them, and its
         config.json is written anew."""
         self.out, self.seed, self.prefix, self.claimed = cfg.out, cfg.seed, prefix, False
-        self.clock = Clock({}, f"{prefix} ")
+        self.clock, self.records = Clock({}, f"{prefix} "), []
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
         path = os.path.join(self.out, "config.json")
@@ -207,7 +209,8 @@ class RunDir:
             self.claimed = have == self.config
         elif os.path.isdir(self.out) and os.listdir(self.out):
             sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
-        if self.claimed and dist.is_main():
+        self.trackers = trackers.Trackers(getattr(cfg, "report_to", []), self.out, self.config)
+        if os.path.exists(path) and finished and dist.is_main():
             self.rebuild_metrics()
 
     def expect(self, plan: dict) -> None:
@@ -282,6 +285,17 @@ class RunDir:
         if dist.is_main():
             with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self.records.append(record)
+            self.trackers.sync(self.records)
+
+    def table(self, t: int, name: str, rows: list) -> None:
+        """A table (a sample of iteration t's completions, or its pairs) in the trackers of --report-to, once."""
+        if dist.is_main():
+            self.trackers.table(f"{self.prefix}_{t}/{name}", f"{name}/{self.prefix}_{t}", rows)
+
+    def close(self) -> None:
+        if dist.is_main():
+            self.trackers.close()
 
     def rebuild_metrics(self) -> None:
         """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated.
@@ -296,6 +310,8 @@ class RunDir:
                         {"folder": os.path.basename(folder), "stage": stage[:-5],
                          **{k: v for k, v in read(path).items() if k != "results"}}]
         write(os.path.join(self.out, "metrics.jsonl"), records)
+        self.records = records
+        self.trackers.sync(records)  # a resumed run's trackers go on after what they logged
 
 
 # =================================================================================================================

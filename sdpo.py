@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields, replace
 
 import data
 import lm
+import trackers
 import training
 from lm import arg
 from rundir import RunDir, flips, main as run_main, markdown_table, read
@@ -171,6 +172,7 @@ def evaluate(model, tokenizer, cfg: Config, task, logps: list, initial: list, t:
 def run(cfg: Config) -> list:
     """sDPO: for t = 1 … T, reference = M_{t-1}, target initialised from M_{t-1}, DPO on chunk D_t."""
     lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    trackers.check(cfg.report_to)
     if cfg.split == "auto":
         cfg = replace(cfg, split="given" if len(cfg.data) == cfg.steps > 1 else "random")
     pairs, files = load_pairs(cfg)
@@ -213,6 +215,7 @@ def run(cfg: Config) -> list:
             model, tokenizer, heldout, cfg, f"M_{t} held-out", out.parts(t, "heldout_logps.jsonl")))
         out.stage(t, "eval.json", lambda: evaluate(model, tokenizer, cfg, task, logps, initial, t,
                                                    out.parts(t, "eval.json")), seed="eval")
+    out.close()
     rows = [read(out.path(t, "eval.json")) | (read(out.path(t, "stats.json")) if t else {})
             for t in range(cfg.steps + 1)]
     print(format_table(rows))
