@@ -7,6 +7,7 @@ the machine, the versions and the commit. Speed and memory are measured here, ne
     python bench.py plan                   # the memory plan of the 7B presets' stages, computed from the config
     python bench.py memory                 # the plan against the KV cache a CPU run holds (SmolLM2)
     python bench.py sampler                # issue 21's sampler candidates on this machine (SmolLM2)
+    python bench.py lm-eval                # lm-evaluation-harness' GSM8K scores beside ours, same model and questions
     python bench_gpu.py                    # on a GPU: the 7B presets' stages under 24 and 12 GiB caps, measured
 
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
@@ -498,6 +499,48 @@ def bench_sampler(args) -> None:
                           "hours a GSM8K iteration (39M tokens)"], rows))
 
 
+def bench_lm_eval(args) -> None:
+    """lm-evaluation-harness' GSM8K scores beside ours on the same model and the same test questions: its stock
+    `gsm8k` task (5-shot "Question: … Answer:", answers ending "#### n", strict-match and flexible-extract) read
+    from the published files here instead of the hub, and `lm.evaluate` (the paper's zero-shot prompt in the chat
+    template, the "Final answer:" line as strict-match, lm-evaluation-harness' rule as flexible-extract)."""
+    import lm_eval
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    train, test = (os.path.join(args.data, "gsm8k", f"{split}.jsonl") for split in ("train", "test"))
+    with open(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "gsm8k", "gsm8k.yaml")) as f:
+        task = yaml.safe_load(f)
+    task.update(task="gsm8k_local", dataset_path="json", dataset_kwargs={"data_files": {"train": train, "test": test}})
+    task.pop("dataset_name", None)
+    task.pop("tag", None)
+    model_path = lm.embedded_smollm2() if args.model == "smollm2-135m" else args.model
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "gsm8k_local.yaml"), "w") as f:
+            yaml.safe_dump(task, f)
+        model_args = f"pretrained={model_path},dtype=float32" + (f",peft={args.adapter}" if args.adapter else "")
+        start = time.time()
+        results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=["gsm8k_local"], limit=args.limit,
+                                          batch_size=args.batch, device="cpu", task_manager=TaskManager(
+                                              include_path=folder))["results"]["gsm8k_local"]
+        theirs_seconds = time.time() - start
+    model, tokenizer = lm.load_model(lm.Config(model=args.model))
+    if args.adapter:
+        lm.load_adapter(model, args.adapter)
+    start = time.time()
+    ours = lm.evaluate(model, tokenizer, lm.TaskConfig(task="gsm8k", max_new_tokens=args.new_tokens,
+                                                       sample_batch_size=args.batch),
+                       data.load_examples("gsm8k", test)[:args.limit], [], 0, "ours")
+    rows = [["lm-evaluation-harness " + lm_eval.__version__ + ", task gsm8k (v3) on the local files",
+             "5-shot, Question: … Answer:, until \"Question:\"", f"{100 * results['exact_match,strict-match']:.1f}",
+             f"{100 * results['exact_match,flexible-extract']:.1f}", f"{theirs_seconds:.0f}"],
+            ["ours, lm.evaluate", f"0-shot, the paper's prompt in the chat template, up to {args.new_tokens} tokens",
+             f"{100 * ours['strict-match']:.1f}", f"{100 * ours['flexible-extract']:.1f}", f"{time.time() - start:.0f}"]]
+    print(header(f"GSM8K test, the first {args.limit} questions, {args.model}" +
+                 (f" + adapter {args.adapter}" if args.adapter else "") + ", greedy"))
+    print(markdown_table(["harness", "prompt", "strict-match %", "flexible-extract %", "seconds"], rows))
+
+
 def rss_reset() -> int:
     """Reset the process's peak resident memory (Linux: /proc/self/clear_refs) and return the current one."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -550,9 +593,16 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=165, help="tokens of each (random) prompt")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness' GSM8K scores beside ours (pip install lm-eval)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", default="", help="a saved adapter folder, e.g. runs/demo/iter_1/adapter")
+    p.add_argument("--data", default=DATA, help="the folder of the published files (default: ../shared/data)")
+    p.add_argument("--limit", type=int, default=100, help="the first test questions")
+    p.add_argument("--new-tokens", type=int, default=256, help="ours: most tokens a completion (theirs: 256)")
+    p.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     {"sample": bench_sample, "train": bench_train, "train-side": train_side, "reward": bench_reward,
-     "plan": bench_plan, "memory": bench_memory, "sampler": bench_sampler}[args.what](args)
+     "plan": bench_plan, "memory": bench_memory, "sampler": bench_sampler, "lm-eval": bench_lm_eval}[args.what](args)
 
 
 if __name__ == "__main__":
