@@ -70,7 +70,10 @@ class Trackers:
     def __init__(self, names: list, out: str, config: dict):
         self.names = [n for n in names if n != "none"] if dist.is_main() else []
         self.path = os.path.join(out, "trackers.json")
-        self.state = json.load(open(self.path)) if os.path.exists(self.path) else {"logged": 0, "tables": []}
+        self.state = {"logged": 0, "tables": []}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.state = json.load(f)
         self.run_name, self.out, self.config, self.writers = os.path.basename(os.path.normpath(out)), out, config, {}
         self.step = 0
 
