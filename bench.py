@@ -430,8 +430,8 @@ def bench_plan(args) -> None:
             _, old_peak = stage_plan(before, before, 10**15, lora, stage[:5] + (old,))
             row += [old, f"{(resident + old_peak) / memory.GiB:.1f}", "not measured"]
             rows.append(row)
-    print(header(f"The memory plan of the 7B presets, computed from Llama-2-7B's config (weights {resident / memory.GiB:.2f}"
-                 f" GiB computed, LoRA r = {args.lora_r})"))
+    print(header(f"The memory plan of the 7B presets, computed from Llama-2-7B's config (weights "
+                 f"{resident / memory.GiB:.2f} GiB computed, LoRA r = {args.lora_r})"))
     head = ["preset", "stage", "tokens a row (longest)"]
     for card in args.cards:
         head += [f"{card:g} GiB card: rows", "planned peak GiB"]
@@ -535,7 +535,8 @@ def bench_lm_eval(args) -> None:
              "5-shot, Question: … Answer:, until \"Question:\"", f"{100 * results['exact_match,strict-match']:.1f}",
              f"{100 * results['exact_match,flexible-extract']:.1f}", f"{theirs_seconds:.0f}"],
             ["ours, lm.evaluate", f"0-shot, the paper's prompt in the chat template, up to {args.new_tokens} tokens",
-             f"{100 * ours['strict-match']:.1f}", f"{100 * ours['flexible-extract']:.1f}", f"{time.time() - start:.0f}"]]
+             f"{100 * ours['strict-match']:.1f}", f"{100 * ours['flexible-extract']:.1f}",
+             f"{time.time() - start:.0f}"]]
     print(header(f"GSM8K test, the first {args.limit} questions, {args.model}" +
                  (f" + adapter {args.adapter}" if args.adapter else "") + ", greedy"))
     print(markdown_table(["harness", "prompt", "strict-match %", "flexible-extract %", "seconds"], rows))

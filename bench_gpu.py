@@ -266,7 +266,8 @@ def main(argv=None) -> None:
     rows = []
     for cap in args.caps:
         if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(cap * memory.GiB / torch.cuda.get_device_properties(0).total_memory)
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap * memory.GiB / total)
         for preset in args.presets:
             for stage in bench.preset_stages(preset):
                 rows.append([f"{cap:g}", preset, stage[0], f"{stage[3]} + {stage[4]}"] +

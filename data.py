@@ -333,8 +333,9 @@ def _preference_layout(record: dict, where: str) -> dict:
 def load_preferences(path: str) -> list[dict]:
     """Preference pairs {prompt, chosen, rejected} from JSONL/Parquet or a data set (`read_records`), TRL's standard
     (strings) or conversational (message lists) layout, OpenOrca's or TRL's implicit prompt (`_preference_layout`).
-    `prompt` stays a string or a message list; `chosen`/`rejected` become the response strings. The `pairs.jsonl` written by rpo.py is in this layout too; its `rejected_truncated` (a loser cut off at
-    the token limit) is kept, so that sDPO scores that loser without an EOS, as rpo.py does.
+    `prompt` stays a string or a message list; `chosen`/`rejected` become the response strings. The `pairs.jsonl`
+    written by rpo.py is in this layout too; its `rejected_truncated` (a loser cut off at the token limit) is kept,
+    so that sDPO scores that loser without an EOS, as rpo.py does.
     """
     pairs = []
     for number, record in read_records(path):

@@ -20,6 +20,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -412,6 +413,32 @@ def batches(items: list, size: int) -> list:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def finished_parts(parts) -> dict:
+    """What a stopped run of this stage finished ({} without parts), read by every process before any writes more."""
+    finished = parts.read() if parts else {}
+    dist.barrier()
+    return finished
+
+
+def in_parts(todo: list, rows: int, compute: Callable, parts, desc: str, unit: str, what: str, flag: str) -> dict:
+    """compute(chunk, bar) → {key: result} over `todo` in chunks of `rows`, every P-th chunk on this process; an
+    out-of-memory error halves a chunk (`memory.in_chunks`); each finished chunk kept in `parts` as it ends (a
+    restarted stage computes only the rest). Returns every process's results."""
+    chunks = batches(todo, rows)
+    mine, done = [key for b in dist.mine(len(chunks)) for key in chunks[b]], {}
+    bar = tqdm(total=len(mine), desc=desc, unit=unit)
+
+    def step(chunk):
+        results = compute(chunk, bar)
+        if parts:
+            parts.save(results)
+        done.update(results)
+
+    memory.in_chunks(mine, rows, step, desc, what, flag)
+    bar.close()
+    return dist.merge(done)
+
+
 def example_keys(examples: list) -> list:
     """The key of each example's random streams (`generate`): its id, and how many times the id came before (a
     data set may repeat an id), so the same question draws the same samples wherever it stands in a run."""
@@ -435,13 +462,12 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
     max_rows; an out-of-memory error halves them), and under a launcher every P-th batch on each process. Each
     finished batch is kept in `parts` (`rundir.Parts`): a restarted stage reads them back and samples only the
     rest. `loop`: `sampler.generate_ids` ("loop") or `sampler.generate_slots` ("slots": batches of 4 × the rows,
-    that many in flight, each slot's cache as long as twice the longest prompt and the new tokens). `stats`, if given, receives this process's seconds and token counts: computed (sampled) and kept (in the
-    returned texts)."""
+    that many in flight, each slot's cache as long as twice the longest prompt and the new tokens). `stats`, if
+    given, receives this process's seconds and token counts: computed (sampled) and kept (in the returned texts)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     keys = list(range(len(prompts))) if keys is None else keys
     seed = int(torch.randint(2**62, ()).item())  # one draw from the stage's seed, the same on every process
-    finished = parts.read() if parts else {}  # {(i, s): [text, truncated]}
-    dist.barrier()  # every process has read the parts before any writes new ones
+    finished = finished_parts(parts)  # {(i, s): [text, truncated]}
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     todo = [(i, s) for i in order for s in range(n) if (i, s) not in finished]
     if finished and todo:
@@ -454,19 +480,16 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
         print(memory.plan_line(desc, rows, max_rows, space, memory.sampling_peak(costs, rows, held, max_new_tokens, n),
                                "row"), file=sys.stderr)
     batch = 4 * rows if loop == "slots" else rows  # slots: 4 × the rows through `rows` slots, then kept
-    chunks = batches(todo, batch)
-    mine = [row for b in dist.mine(len(chunks)) for row in chunks[b]]
     model.eval()
-    start, counts, done = time.time(), {"computed": 0, "kept": 0}, {}
-    bar = tqdm(total=len(mine), desc=desc, unit="seq")
+    start, counts = time.time(), {"computed": 0, "kept": 0}
 
-    def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
-        bar.set_postfix_str(f"token {step}/{max_new_tokens}", refresh=False)
-        bar.update(ended)  # redraws at most every 0.1 s
-        if step % 8 == 0:
-            bar.refresh()
+    def sample(chunk, bar):  # one batch: its prompts prefilled once each, then their rows
+        def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
+            bar.set_postfix_str(f"token {step}/{max_new_tokens}", refresh=False)
+            bar.update(ended)  # redraws at most every 0.1 s
+            if step % 8 == 0:
+                bar.refresh()
 
-    def sample(chunk):  # one batch: its prompts prefilled once each, then their rows
         distinct = list(dict.fromkeys(i for i, _ in chunk))
         how = dict(slots=max(1, len(chunk) * rows // batch)) if loop == "slots" else {}
         tokens = (sampler.generate_slots if loop == "slots" else sampler.generate_ids)(
@@ -484,14 +507,10 @@ def generate(model, tokenizer, prompts: list, n: int, temperature: float, max_ne
             counts["computed"] += len(out)
             if stats is not None:
                 counts["kept"] += len(tokenizer(results[row][0], add_special_tokens=False)["input_ids"])
-        if parts:
-            parts.save(results)
-        done.update(results)
         bar.set_postfix_str(f"{counts['computed'] / (time.time() - start):.0f} tok/s")
+        return results
 
-    memory.in_chunks(mine, batch, sample, desc, "row", "--max-new-tokens")
-    bar.close()
-    finished.update(dist.merge(done))
+    finished.update(in_parts(todo, batch, sample, parts, desc, "seq", "row", "--max-new-tokens"))
     if stats is not None:
         stats.update(counts, seconds=time.time() - start)
     return [[tuple(finished[(i, s)]) for s in range(n)] for i in range(len(prompts))]

@@ -37,7 +37,8 @@ def scalars(record: dict) -> dict:
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                and k not in ("iteration", "step")}
     if "selected_step" in record:  # the checkpoint kept: beside, not over, the held-out check of the same step
-        return {"heldout/selected_step": record["selected_step"], "heldout/selected_accuracy": record["heldout/accuracy"]}
+        return {"heldout/selected_step": record["selected_step"],
+                "heldout/selected_accuracy": record["heldout/accuracy"]}
     if "stage" not in record:
         return numbers
     named = {f"{record['stage']}/{k}": v for k, v in numbers.items()}

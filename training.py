@@ -49,26 +49,17 @@ def reference_logps(model, tokenizer, pairs: list, cfg: lm.Config, desc: str, pa
     process; each finished batch kept in `parts`, so that a restarted stage scores only the rest."""
     model.eval()
     encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
-    finished = parts.read() if parts else {}  # {pair index: {"chosen", "rejected"}}
-    dist.barrier()  # every process has read the parts before any writes new ones
+    finished = lm.finished_parts(parts)  # {pair index: {"chosen", "rejected"}}
     todo = [i for i in range(len(pairs)) if i not in finished]
     rows = dist.broadcast(pair_rows(model, encoded, todo, cfg, False, desc) if todo else 1)
-    chunks = lm.batches(todo, rows)
-    mine, done = [i for b in dist.mine(len(chunks)) for i in chunks[b]], {}
-    bar = tqdm(total=len(mine), desc=desc, unit="pair")
 
-    def score(chunk):
+    def score(chunk, bar):
         with torch.no_grad():
             chosen, rejected, _ = lm.pair_logps(model, lm.collate([encoded[i] for i in chunk], tokenizer.pad_token_id))
-        results = {i: {"chosen": c, "rejected": r} for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist())}
-        if parts:
-            parts.save(results)
-        done.update(results)
         bar.update(len(chunk))
+        return {i: {"chosen": c, "rejected": r} for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist())}
 
-    memory.in_chunks(mine, rows, score, desc, "pair", "--max-length")
-    bar.close()
-    finished.update(dist.merge(done))
+    finished.update(lm.in_parts(todo, rows, score, parts, desc, "pair", "pair", "--max-length"))
     return [finished[i] for i in range(len(pairs))]
 
 
@@ -112,7 +103,8 @@ def accumulate(model, encoded: list, reference: list, mine: list, total: int, cf
         losses = nll if sft else eq1  # STaR: the NLL term alone
         (losses.sum() / total).backward()
         values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
-                  "rewards/rejected": rejected_rewards, "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                  "rewards/rejected": rejected_rewards,
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                   "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
                   "logps/rejected": rejected}
         for name, value in values.items():

@@ -350,8 +350,8 @@ def test_training_trains_the_loss_users_copy(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     model, tokenizer = lm.load_model(cfg)
     pairs = some_pairs(4)
-    records = training.train(model, tokenizer, pairs, training.reference_logps(model, tokenizer, pairs, cfg, "ref"), cfg, 1,
-                       lambda r: None)
+    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
     assert len(returned) == 4  # one call per micro-batch of 2 pairs, two steps
     assert records[0]["loss"] == pytest.approx(torch.cat(returned[:2]).mean().item(), abs=1e-6)
 

@@ -437,4 +437,5 @@ def test_a_run_resumes_with_other_speed_settings(full_run, tmp_path):
     shutil.rmtree(stopped / "iter_2")
     rpo.run(tiny_config(stopped, sample_batch_size=3, memory_budget=4.0))
     assert read(str(stopped / "config.json"))["sample_batch_size"] == 3
-    assert (stopped / "iter_2" / "samples.jsonl").read_bytes() == (full_run[0] / "iter_2" / "samples.jsonl").read_bytes()
+    sampled = (stopped / "iter_2" / "samples.jsonl").read_bytes()
+    assert sampled == (full_run[0] / "iter_2" / "samples.jsonl").read_bytes()
