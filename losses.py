@@ -5,7 +5,8 @@ Naming follows the DPO reference implementation: {policy,reference}_{chosen,reje
 
 How the two papers use these functions
 --------------------------------------
-Iterative RPO, iteration t: `rpo_loss` with the policy initialised from M_t and the reference fixed to M_t.
+Iterative RPO, iteration t = 1 … T: `rpo_loss` with the policy initialised from M_{t-1} and the reference fixed to
+M_{t-1}, training M_t (the paper numbers the same step M_t → M_{t+1}; rpo.py and this file count from 1).
 
 sDPO needs no loss of its own. Its objective (arXiv 2403.19270v1, Sec. 2.2) is
 
@@ -123,7 +124,7 @@ def rpo_loss(
 
         L_DPO+NLL = L_DPO − α · log M_θ(c_w, y_w|x) / (|c_w| + |y_w|)
 
-    with the reference M_t, the model of the previous iteration. α = 1 and β = 0.1 in the paper; α = 0 is exactly
+    with the reference M_{t-1}, the model of the previous iteration. α = 1 and β = 0.1 in the paper; α = 0 is exactly
     `dpo_loss` (the paper's "DPO without NLL" ablation).
 
     Differences from other texts of the same idea:
@@ -134,8 +135,8 @@ def rpo_loss(
     Args:
         policy_chosen_logps: log M_θ(c_w, y_w|x). Shape: (batch_size,).
         policy_rejected_logps: log M_θ(c_l, y_l|x). Shape: (batch_size,).
-        reference_chosen_logps: log M_t(c_w, y_w|x). Shape: (batch_size,).
-        reference_rejected_logps: log M_t(c_l, y_l|x). Shape: (batch_size,).
+        reference_chosen_logps: log M_{t-1}(c_w, y_w|x). Shape: (batch_size,).
+        reference_rejected_logps: log M_{t-1}(c_l, y_l|x). Shape: (batch_size,).
         chosen_lengths: |c_w| + |y_w| in tokens. Shape: (batch_size,).
         beta: β of the DPO term.
         alpha: α, weight of the NLL term.

@@ -2,21 +2,21 @@
 
 The algorithm, in the paper's words (Sec. 2), for iterations t = 1 … T, starting from M_0 = the given model:
   1. Chain-of-thought & answer generation: sample N responses (c_i^n, y_i^n) ~ M_{t-1}(x_i) per training question
-     (`sample_and_reward`, with the sampler `lm.generate`).
-  2. Reward: r_i^n = 1 if the final answer y_i^n equals the gold answer y_i, else 0 (`data.judge`; the chain of
+     (`sample_and_reward`, with `sampling.generate`).
+  2. Reward: r_i^n = 1 if the final answer y_i^n equals the gold answer y_i, else 0 (`reward.judge`; the chain of
      thought is never judged).
   3. Preference pairs: walk the winners (r = 1) and losers (r = 0) of a question together, wrapping around, until
      K pairs are made; none if either set is empty (`make_pairs`, `pair_up`). Only this iteration's pairs are used.
   4. Training: M_t is initialised from M_{t-1} and trained with L_DPO+NLL (Eq. 1, `losses.rpo_loss`) against the
      fixed reference M_{t-1} (`training.reference_logps`, then `training.train`).
-  5. Repeat. Evaluation after each iteration: greedy accuracy and maj@k on the test split (`lm.evaluate`).
+  5. Repeat. Evaluation after each iteration: greedy accuracy and maj@k on the test split (`sampling.evaluate`).
 
 Where this code departs from the paper, and why:
   - QLoRA/LoRA instead of full fine-tuning of Llama-2-70B-Chat, so a 7B model fits one consumer GPU. The adapter
     carries over from iteration to iteration: M_t = base + adapter_t, initialised from adapter_{t-1}. LoRA needs
     a larger learning rate than the paper's 7e-7 for full fine-tuning; the presets say which they use. The frozen
     model computes in bf16 on CUDA (its KV cache too), its output head in float32 so log-probs keep their
-    precision; each stage runs as many rows at once as its memory plan allows (`memory.py`).
+    precision; each stage runs as many rows at once as its memory plan allows (`machinery/memory.py`).
   - The reference M_{t-1} is never held in memory: since the policy starts as M_{t-1}, the reference log-probs are
     the policy's own log-probs before its first update, computed once per iteration. Disabling the adapter would
     give the *base* model, the wrong reference from iteration 2 on.
@@ -38,7 +38,7 @@ Where this code departs from the paper, and why:
     test answer cut off so is scored wrong the same way. The counts go to stats.json and eval.json. The paper does
     not say how it treated such samples.
   - When a model does not use the "Final answer:" format, the answer falls back to "####", the last \\boxed{}
-    and (GSM8K, arith) the last number (`data.extract_answer`).
+    and (GSM8K, arith) the last number (`reward.extract_answer`).
   - An EOS token is appended to every response scored in training (so the model learns to stop after its answer)
     and is counted in |c_w| + |y_w|, the NLL term's length: one token more than the chain of thought and answer.
   - The gold solution added to the winners (`--add-gold`, GSM8K) is written in the prompt's format: GSM8K's
@@ -70,18 +70,27 @@ import sys
 from dataclasses import dataclass, replace
 
 import data
-import lm
-import trackers
+import model
+import reward
+import sampling
 import training
-from lm import arg
-from rundir import RunDir, flips, main as run_main, markdown_table, read
+from data import TaskConfig
+from machinery.cli import main as command_line
+from machinery.clock import rpo_stages
+from machinery.config import RunConfig, arg
+from machinery.resume import Stage
+from machinery.results import rpo_table, run_rows
+from machinery.rundir import RunDir
+from model import ModelConfig, Policy
+from sampling import SamplingConfig
+from training import TrainConfig
 
 
 @dataclass
-class Config(lm.TaskConfig, lm.Config):
-    model: str = arg("smollm2-135m", "'smollm2-135m' (embedded, offline), 'tiny-random' (tests), or a Hugging Face "
-                     "model id or local path. Paper: Llama-2-70B-Chat")
-    # --- Iterative RPO (paper values in brackets: GSM8K / ARC-Challenge / MATH)
+class Config(SamplingConfig, TaskConfig, TrainConfig, ModelConfig, RunConfig):
+    """Iterative RPO's settings: the fields below, and those each module reads (the task, sampling, training, the
+    model). [In brackets: the paper's value; a / b / c = GSM8K / ARC-Challenge / MATH.]"""
+    alpha: float = arg(1.0, "α, weight of the length-normalised NLL term of Eq. 1; 0 = plain DPO [1]", min=0)
     lr: float = arg(1e-4, "learning rate, constant [7e-7 for full fine-tuning; LoRA needs more]", above=0)
     epochs: int = arg(2, "passes over the pairs of an iteration [not given: up to 5000 steps, then the best "
                       "checkpoint]", min=1)
@@ -103,6 +112,13 @@ class Config(lm.TaskConfig, lm.Config):
                     "once, instead of pairs")
     samples_from: str = arg("", "run directory whose M_0 evaluation and iteration-1 samples this run reuses (same "
                             "model, data, sampling and seed): ablations of the loss on identical pairs")
+    out: str = arg("runs/demo", "run directory")
+
+
+# The paper's values of the fields each module declares, shown in --help beside their own text.
+PAPER = {"model": "Llama-2-70B-Chat", "beta": "0.1", "grad_accum": "16 pairs a step, batch_size × grad_accum",
+         "max_steps": "5000 / 4000 / 5000", "max_length": "the context length", "eval_k": "32",
+         "eval_temperature": "0.8"}
 
 
 PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; files from the public data sets
@@ -127,24 +143,21 @@ PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; f
 # =================================================================================================================
 # Steps 1-2: sample N responses per question from M_{t-1}, reward each
 
-def sample_and_reward(model, tokenizer, cfg: Config, examples: list, shots: list, t: int, parts=None) -> list:
-    """N responses per training question at iteration t's temperature, each with its extracted answer, its reward,
+def sample_and_reward(policy: Policy, cfg: Config, examples: list, shots: list, stage: Stage) -> list:
+    """N responses per training question at the iteration's temperature, each with its extracted answer, its reward,
     and whether it was cut off at --max-new-tokens before it ended (then its reward is 0: it gave no answer). Each
-    response is drawn from its own stream, seeded by the question's id and its index; `parts` keeps the finished
-    ones while the stage runs."""
-    temperature = sampling_temperature(cfg, t)
-    prompts = [lm.task_prompt(tokenizer, ex, shots) for ex in examples]
-    completions = lm.generate(model, tokenizer, prompts, cfg.samples_per_question, temperature, cfg.max_new_tokens,
-                              cfg.sample_batch_size, f"iter {t}: sample (T={temperature})",
-                              keys=lm.example_keys(examples), parts=parts, memory_budget=cfg.memory_budget,
-                              loop=cfg.sampler)
+    response is drawn from its own stream, seeded by the question's id and its index."""
+    temperature = sampling_temperature(cfg, stage.t)
+    prompts = [model.task_prompt(policy.tokenizer, ex, shots) for ex in examples]
+    completions = sampling.generate(policy, prompts, sampling.example_keys(examples), cfg.samples_per_question,
+                                    temperature, cfg, stage.sub(label=f"{stage.label} (T={temperature})"))
     records = []
     for ex, prompt, outs in zip(examples, prompts, completions):
         for n, (text, truncated) in enumerate(outs):
-            extracted, reward = data.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated,
-                                           cfg.math_grader)
+            extracted, r = reward.judge(text, ex["answer"], ex["task"], ex.get("choices"), truncated,
+                                        cfg.math_grader)
             records.append({"id": ex["id"], "n": n, "prompt": prompt, "completion": text, "extracted": extracted,
-                            "reward": reward, "truncated": truncated, "temperature": temperature})
+                            "reward": r, "truncated": truncated, "temperature": temperature})
     return records
 
 
@@ -193,7 +206,7 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
         for chosen, (rejected, truncated) in made:
             pair = {"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "prompt": group[0]["prompt"],
                     "chosen": chosen, "rejected": rejected, "rejected_truncated": truncated}
-            if lm.encode_pair(tokenizer, pair, cfg.max_length) is None:
+            if training.encode_pair(tokenizer, pair, cfg.max_length) is None:
                 too_long += 1
             else:
                 pairs.append(pair)
@@ -227,116 +240,45 @@ TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "
 
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
-    lm.check_model(cfg.model)  # bad input ends the run here, before anything is written
-    trackers.check(cfg.report_to)
-    train_set, test_set, shots, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
-    out = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
+    model.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    train_set, test_set, shots, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions)
+    run_dir = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
     print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
           f"questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
           f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
     if cfg.samples_from:  # a loss ablation on the very pairs of another run
-        out.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
-    model, tokenizer = lm.load_model(cfg)                                                    # M_0
-    out.expect(plan(cfg, len(train_set), len(test_set), len(heldout)))
+        run_dir.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
+    policy = model.load_model(cfg)                                                             # M_0
+    run_dir.expect(rpo_stages(cfg, len(train_set), len(test_set), len(heldout)))
 
-    def evaluate(t):  # greedy accuracy and maj@k of M_t on the test split
-        return lm.evaluate(model, tokenizer, cfg, test_set, shots, t, "iter", out.parts(t, "eval.json"),
-                           cfg.memory_budget)
+    def evaluate(stage):  # greedy accuracy and maj@k of M_t on the test split
+        return sampling.evaluate(policy, cfg, test_set, shots, stage)
 
-    def heldout_accuracy(step):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
-        return lm.evaluate(model, tokenizer, replace(cfg, eval_k=0), heldout, shots, t, "held-out",
-                           out.parts(t, "train_log.jsonl").sub(f"heldout-{step}"), cfg.memory_budget)["accuracy"]
+    def heldout_accuracy(stage):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
+        return sampling.evaluate(policy, replace(cfg, eval_k=0), heldout, shots, stage)["accuracy"]
 
-    out.stage(0, "eval.json", lambda: evaluate(0), seed="eval")
+    run_dir.stage(0, "eval.json", evaluate, seed="eval")
     for t in range(1, cfg.iterations + 1):
         if t > 1:
-            lm.load_adapter(model, out.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
-        samples = out.stage(t, "samples.jsonl", seed="sample", compute=lambda: sample_and_reward(  # 1-2. generate,
-            model, tokenizer, cfg, train_set, shots, t, out.parts(t, "samples.jsonl")))            # reward
-        _, pairs = out.stage(t, ("stats.json", "pairs.jsonl"),                                 # 3. pair
-                             lambda: pair_up(tokenizer, cfg, samples, train_set, t))
-        show(out, t, samples, pairs, cfg.seed)                                                 # (--report-to)
-        reference = out.stage(t, "reference.jsonl", lambda: training.reference_logps(          # π_ref = M_{t-1}, once
-            model, tokenizer, pairs, cfg, f"iter {t}: reference", out.parts(t, "reference.jsonl")))
-        out.stage(t, "train_log.jsonl", seed="train", compute=lambda: training.train(          # 4. train M_t, Eq. 1;
-            model, tokenizer, pairs, reference, cfg, t, out.log, cfg.sft, out.path(t, "adapter"),  # best checkpoint
-            heldout_accuracy if heldout else None, cfg.checkpoints, out.parts(t, "train_log.jsonl")))
-        lm.load_adapter(model, out.path(t, "adapter"))                                         # M_t
-        out.stage(t, "eval.json", lambda: evaluate(t), seed="eval")                            # 5. evaluate
-    out.close()
-    rows = summary_rows(out, cfg)
-    print(format_table(rows, cfg))
+            policy.load(run_dir.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
+        samples = run_dir.stage(t, "samples.jsonl", seed="sample", compute=lambda stage:       # 1-2. generate,
+                                sample_and_reward(policy, cfg, train_set, shots, stage))       # reward
+        _, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:              # 3. pair
+                                 pair_up(policy.tokenizer, cfg, samples, train_set, t))
+        reference = run_dir.stage(t, "reference.jsonl", lambda stage:                         # π_ref = M_{t-1}, once
+                                  training.reference_logps(policy, pairs, cfg, stage))
+        run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage: training.train(  # 4. train M_t,
+            policy, pairs, reference, cfg, stage, select=heldout_accuracy if heldout else None))  # Eq. 1; best ckpt
+        policy.load(run_dir.path(t, "adapter"))                                                # M_t
+        run_dir.stage(t, "eval.json", evaluate, seed="eval")                                   # 5. evaluate
+    run_dir.close()
+    rows = run_rows(cfg.out, cfg.iterations)
+    print(rpo_table(rows, cfg.eval_k))
     return rows
-
-
-def show(out: RunDir, t: int, samples: list, pairs: list, seed: int, rows: int = 16) -> None:
-    """A seeded sample of iteration t's completions and of its pairs, as tables in the trackers of --report-to."""
-    def text(prompt):
-        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-    pick = random.Random(f"{seed}-show-{t}")
-    out.table(t, "completions", [{"prompt": text(s["prompt"]), "completion": s["completion"],
-                                  "extracted": s["extracted"], "reward": s["reward"], "cut off": s["truncated"]}
-                                 for s in pick.sample(samples, min(rows, len(samples)))])
-    out.table(t, "pairs", [{"prompt": text(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"],
-                            "gold": p.get("answer"), "rejected cut off": p.get("rejected_truncated", False)}
-                           for p in pick.sample(pairs, min(rows, len(pairs)))])
-
-
-def summary_rows(out: RunDir, cfg: Config) -> list:
-    rows, first = [], read(out.path(0, "eval.json"))
-    for t in range(cfg.iterations + 1):
-        stats = read(out.path(t, "stats.json")) if t else {}
-        selected = [r for r in read(out.path(t, "train_log.jsonl")) if "selected_step" in r] if t else []
-        result = read(out.path(t, "eval.json"))
-        rows.append({"iteration": t, "questions": stats.get("questions_with_pairs"), "pairs": stats.get("pairs"),
-                     "train_accuracy": stats.get("train_accuracy"), "test_accuracy": result["accuracy"],
-                     "flexible": result.get("flexible-extract"),
-                     "test_n": result["n"], "majority": result.get(f"maj@{cfg.eval_k}"),
-                     "checkpoint": selected[0] if selected else None, "versus_m0": flips(first, result)})
-    return rows
-
-
-def format_table(rows: list, cfg: Config) -> str:
-    """The run's table: per iteration its pairs, its checkpoint, its test accuracy (lm-evaluation-harness readers'
-    strict-match: the "Final answer:" line), and the test questions it answers right that M_0 got wrong (gained)
-    and the reverse (lost), with the sign test's p on them; on GSM8K and arith also lm-evaluation-harness'
-    flexible-extract (the completion's last number) and maj@k."""
-    def cell(v, pct=False):
-        return "-" if v is None else (f"{100 * v:.1f}" if pct else str(v))
-
-    def checkpoint(c):
-        return "-" if c is None else f"step {c['selected_step']} ({100 * c['heldout/accuracy']:.1f})"
-
-    def versus(r):
-        return "-" if r["iteration"] == 0 else "{} / {} (p = {:.2g})".format(*r["versus_m0"])
-
-    flexible = rows[0]["flexible"] is not None  # a numeric task: lm-evaluation-harness' second GSM8K score too
-    head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "checkpoint (held-out acc %)",
-            f"test acc % (n = {rows[0]['test_n']})", "vs M_0: gained / lost (sign test)"] + \
-        (["flexible-extract %"] if flexible else []) + ([f"maj@{cfg.eval_k} %"] if cfg.eval_k else [])
-    return markdown_table(head, [[r["iteration"], cell(r["questions"]), cell(r["pairs"]),
-                                  cell(r["train_accuracy"], True), checkpoint(r["checkpoint"]),
-                                  cell(r["test_accuracy"], True), versus(r)] +
-                                 ([cell(r["flexible"], True)] if flexible else []) +
-                                 ([cell(r["majority"], True)] if cfg.eval_k else []) for r in rows])
-
-
-def plan(cfg: Config, questions: int, tests: int, heldout: int) -> dict:
-    """The run's stages and their rough work in tokens (generated, scored), for the estimate of the time left."""
-    evaluation = (tests * (1 + cfg.eval_k) * cfg.max_new_tokens, 0)
-    pairs = questions * (1 if cfg.sft else cfg.pairs_per_question) * 2 * cfg.max_new_tokens
-    stages = {(0, "eval.json"): evaluation}
-    for t in range(1, cfg.iterations + 1):
-        stages |= {(t, "samples.jsonl"): (questions * cfg.samples_per_question * cfg.max_new_tokens, 0),
-                   (t, "reference.jsonl"): (0, pairs),
-                   (t, "train_log.jsonl"): (heldout * cfg.checkpoints * cfg.max_new_tokens, 3 * pairs * cfg.epochs),
-                   (t, "eval.json"): evaluation}
-    return stages
 
 
 def main(argv=None) -> None:
-    run_main(run, Config, argv, PRESETS, __doc__.split("\n\n")[0])
+    command_line(run, Config, argv, PRESETS, __doc__.split("\n\n")[0], PAPER)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,120 @@
-"""Training on pairs, what Iterative RPO (arXiv 2404.19733v3) and sDPO (arXiv 2403.19270v1) share: the reference
-pass, the optimizer steps of Eq. 1, the state a stopped run resumes from, the best checkpoint.
+"""Training on pairs, what Iterative RPO (arXiv 2404.19733v3) and sDPO (arXiv 2403.19270v1) share: pairs encoded
+and scored, the reference pass, the optimizer steps of Eq. 1, the best checkpoint.
 
+    encode_pair, collate   prompt and response tokenised apart, then joined; a batch of pairs padded
+    pair_logps        log π(y_w|x) and log π(y_l|x) of a batch of pairs, the prompt computed once
     reference_logps   log-probs of every pair under the current model, before training: π_ref = M_{t-1}
     train             DPO + NLL (Eq. 1, `losses.rpo_loss`) on pairs against the stored reference log-probs;
-                      the best of --checkpoints held-out checks kept; a resumable state every --save-minutes
+                      the best of --checkpoints held-out checks kept
     optimizer_step    one step: this process's share of the pairs, gradients summed over the processes
-    TrainState        the last step, its records, the best checkpoint: saved and loaded with the weights, the
-                      optimizer's state and the random generators
 
-Both algorithm files import this module; it imports neither.
+Both algorithm files import this module; it imports neither. Where a stopped training resumes from is
+`machinery.resume.TrainState`.
 """
-import os
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-import dist
-import lm
-import memory
-from losses import rpo_loss
-from rundir import atomic
+from losses import rpo_loss, sequence_logps
+from machinery import dist, memory
+from machinery.config import arg
+from machinery.resume import Stage, TrainState, batches, in_chunks, release, trainable
+from model import Policy, encode_prompt, left_pad, with_cache
+
+METRICS = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+           "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-def pair_rows(model, encoded: list, indices, cfg: lm.Config, grad: bool, label: str) -> int:
+@dataclass
+class TrainConfig:
+    """The optimisation of Eq. 1 (both scripts add α, the learning rate and the passes, each with its paper's value)."""
+    beta: float = arg(0.1, "β of the DPO term", above=0)
+    batch_size: int = arg(1, "pairs per forward pass (one prompt pass, then chosen and rejected together); memory "
+                          "grows with it, and on a CPU 1 is as fast as 4", min=1)
+    grad_accum: int = arg(8, "forward passes per optimizer step; batch_size × grad_accum pairs a step", min=1)
+    max_steps: int = arg(0, "cap on optimizer steps per iteration (step), 0 = none", min=0)
+    max_length: int = arg(512, "pairs whose prompt + response exceed this many tokens are dropped", min=8)
+    save_minutes: float = arg(10.0, "minutes between the resumable states training keeps (also at each held-out "
+                              "check); 0 = after every optimizer step", min=0)
+
+
+# =================================================================================================================
+# Pairs: tokenised prompt and responses, padded into a batch, scored
+
+def encode_pair(tokenizer, pair: dict, max_length: int):
+    """(prompt ids, chosen ids, rejected ids), responses ending in EOS, but for a response that was cut off at the
+    token limit (`rejected_truncated`): the model never ended it. None if either side is too long."""
+    prompt = encode_prompt(tokenizer, pair["prompt"])
+    responses = [tokenizer(pair[k], add_special_tokens=False)["input_ids"] +
+                 ([] if pair.get(f"{k}_truncated") else [tokenizer.eos_token_id]) for k in ("chosen", "rejected")]
+    if len(prompt) + max(len(r) for r in responses) > max_length:
+        return None
+    return prompt, responses[0], responses[1]
+
+
+def collate(encoded: list, pad_id: int):
+    """A batch of pairs for `pair_logps`: the prompts left-padded (B, P), so that every prompt ends at the same
+    column, and the responses right-padded (2B, R), chosen and rejected interleaved (c_0, r_0, c_1, r_1, ...).
+    Masks come from lengths, never from the pad id."""
+    prompt, prompt_mask = left_pad([p for p, _, _ in encoded], pad_id)
+    responses = [r for _, chosen, rejected in encoded for r in (chosen, rejected)]
+    response = torch.full((len(responses), max(map(len, responses))), pad_id, dtype=torch.long)
+    response_mask = torch.zeros_like(response)
+    for i, r in enumerate(responses):
+        response[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+    return prompt, prompt_mask, response, response_mask
+
+
+def pair_logps(model, batch, share_prompt: bool | None = None):
+    """log π(y|x) of the chosen and rejected responses: (chosen logps, rejected logps, chosen lengths), each (B,).
+    The prompt, the same for both responses, is computed once: its keys and values (and, in training, their
+    gradients) serve both. Gradient checkpointing recomputes layers in the backward pass, which a KV cache does
+    not survive: then prompt + response is one sequence, and only the response positions are scored
+    (`logits_to_keep`). `share_prompt` defaults to "not checkpointing", so the reference pass and training, which
+    both call this, always take the same path. Either way the logits are those that predict the responses."""
+    from transformers import DynamicCache
+
+    if share_prompt is None:
+        share_prompt = not checkpointing(model)
+    prompt, prompt_mask, response, response_mask = (t.to(model.device) for t in batch)
+    width_p, width_r = prompt.shape[1], response.shape[1]
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], -1)  # (2B, P + R)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    if share_prompt:
+        cache = DynamicCache(config=model.config)
+        first = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=position[0::2, :width_p],
+                      **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+        cache.batch_repeat_interleave(2)  # one copy of the prompt's keys and values per response
+        rest = model(input_ids=response, attention_mask=mask, position_ids=position[:, width_p:],
+                     **with_cache(model, cache), use_cache=True).logits  # (2B, R, V)
+        logits = torch.cat([first.repeat_interleave(2, 0), rest], 1)  # (2B, R + 1, V)
+    else:
+        ids = torch.cat([prompt.repeat_interleave(2, 0), response], -1)  # (2B, P + R)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                       logits_to_keep=width_r + 1).logits  # (2B, R + 1, V), from the prompt's last position on
+    labels = torch.cat([torch.full_like(response[:, :1], -100), response.masked_fill(response_mask == 0, -100)], -1)
+    logps, lengths = sequence_logps(logits, labels)  # (2B,), the shift by one happens inside
+    return logps[0::2], logps[1::2], lengths[0::2]
+
+
+def checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on; transformers 5 renamed the attribute."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
+# =================================================================================================================
+# The reference pass, and the optimizer steps of Eq. 1
+
+def pair_rows(model, encoded: list, indices, cfg, grad: bool, label: str) -> int:
     """How many pairs one forward pass scores: the memory plan for the longest prompt and response among them (with
     `grad`, less the optimizer's state and the gradients), at most --batch-size; one line says so."""
-    shared, costs = not lm.checkpointing(model), memory.costs(model, lm.checkpointing(model))
+    shared, costs = not checkpointing(model), memory.costs(model, checkpointing(model))
     space = memory.available(cfg.memory_budget, model)
     if grad and space is not None:  # float32 gradients and two AdamW moments of every trainable weight
         space -= 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -42,24 +126,25 @@ def pair_rows(model, encoded: list, indices, cfg: lm.Config, grad: bool, label: 
     return rows
 
 
-def reference_logps(model, tokenizer, pairs: list, cfg: lm.Config, desc: str, parts=None) -> list:
+def reference_logps(policy: Policy, pairs: list, cfg, stage: Stage) -> list:
     """log M_{t-1}(y|x) of every chosen and rejected response, before the first update: the policy *is* the
     reference then, so no second model is kept. Eval mode: dropout off. Same `pair_logps` path as `train`. Pairs in
     order, as many a forward pass as the memory plan allows (`pair_rows`); under a launcher every P-th batch on each
-    process; each finished batch kept in `parts`, so that a restarted stage scores only the rest."""
+    process; each finished batch kept in the stage's parts, so that a restarted stage scores only the rest."""
+    model, tokenizer = policy
     model.eval()
-    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
-    finished = lm.finished_parts(parts)  # {pair index: {"chosen", "rejected"}}
+    encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    finished = stage.finished()  # {pair index: {"chosen", "rejected"}}
     todo = [i for i in range(len(pairs)) if i not in finished]
-    rows = dist.broadcast(pair_rows(model, encoded, todo, cfg, False, desc) if todo else 1)
+    rows = dist.broadcast(pair_rows(model, encoded, todo, cfg, False, stage.label) if todo else 1)
 
     def score(chunk, bar):
         with torch.no_grad():
-            chosen, rejected, _ = lm.pair_logps(model, lm.collate([encoded[i] for i in chunk], tokenizer.pad_token_id))
+            chosen, rejected, _ = pair_logps(model, collate([encoded[i] for i in chunk], tokenizer.pad_token_id))
         bar.update(len(chunk))
         return {i: {"chosen": c, "rejected": r} for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist())}
 
-    finished.update(lm.in_parts(todo, rows, score, parts, desc, "pair", "pair", "--max-length"))
+    finished.update(in_chunks(todo, rows, score, stage, unit="pair", lower="--max-length"))
     return [finished[i] for i in range(len(pairs))]
 
 
@@ -74,33 +159,28 @@ def make_optimizer(params: list, lr: float):
     return torch.optim.AdamW(params, lr=lr)
 
 
-def trainable(optimizer) -> list:
-    """The weights an optimizer steps (the LoRA weights), in its order."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def training_order(pairs: int, cfg: lm.Config, t: int) -> list:
+def training_order(pairs: int, cfg, t: int) -> list:
     """The pairs of each optimizer step, batch_size × grad_accum a step: every epoch a seeded shuffle of them, the
     whole capped at --max-steps. A function of the seed alone, so a resumed run takes the same steps."""
     steps = [step for epoch in range(cfg.epochs) for step in
-             lm.batches(random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(pairs), pairs),
+             batches(random.Random(f"{cfg.seed}-{t}-{epoch}").sample(range(pairs), pairs),
                      cfg.batch_size * cfg.grad_accum)]
     return steps[:cfg.max_steps or None]
 
 
-def accumulate(model, encoded: list, reference: list, mine: list, total: int, cfg: lm.Config, sft: bool, micro: int,
-               pad_id: int, bar) -> dict:
+def accumulate(model, encoded: list, reference: list, mine: list, total: int, cfg, micro: int, pad_id: int,
+               bar) -> dict:
     """The gradients of this process's pairs of a step, `micro` pairs a forward pass: Eq. 1 (`losses.rpo_loss`;
-    with `sft`, its NLL term alone) summed over the pairs and divided by the step's `total`; returns the sums of the
-    logged metrics."""
-    sums = dict.fromkeys(lm.METRICS, 0.0)
-    for chunk in lm.batches(mine, micro):
-        chosen, rejected, lengths = lm.pair_logps(model, lm.collate([encoded[i] for i in chunk], pad_id))
+    with cfg.sft, the STaR baseline, its NLL term alone) summed over the pairs and divided by the step's `total`;
+    returns the sums of the logged metrics."""
+    sums = dict.fromkeys(METRICS, 0.0)
+    for chunk in batches(mine, micro):
+        chosen, rejected, lengths = pair_logps(model, collate([encoded[i] for i in chunk], pad_id))
         ref_chosen = torch.tensor([reference[i]["chosen"] for i in chunk], device=chosen.device)
         ref_rejected = torch.tensor([reference[i]["rejected"] for i in chunk], device=chosen.device)
         eq1, chosen_rewards, rejected_rewards, dpo, nll = rpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                                    lengths, cfg.beta, cfg.alpha)  # Eq. 1
-        losses = nll if sft else eq1  # STaR: the NLL term alone
+        losses = nll if getattr(cfg, "sft", False) else eq1  # STaR: the NLL term alone
         (losses.sum() / total).backward()
         values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
                   "rewards/rejected": rejected_rewards,
@@ -113,23 +193,23 @@ def accumulate(model, encoded: list, reference: list, mine: list, total: int, cf
     return sums
 
 
-def optimizer_step(model, encoded: list, reference: list, indices: list, cfg: lm.Config, sft: bool, optimizer,
-                   micro: int, pad_id: int, bar) -> tuple[dict, int]:
+def optimizer_step(model, encoded: list, reference: list, indices: list, cfg, optimizer, micro: int, pad_id: int,
+                   bar) -> tuple[dict, int]:
     """One optimizer step on the pairs `indices`, the loss averaged over them: each process its share of the step's
     --batch-size groups (as DDP: the gradients then summed over the processes), `micro` pairs a forward pass. Out of
     memory, the step starts again at half the pairs a forward pass. Returns (the step's metrics, `micro` now)."""
     params = trainable(optimizer)
-    shares = lm.batches(indices, cfg.batch_size)
+    shares = batches(indices, cfg.batch_size)
     mine = [i for m in dist.mine(len(shares)) for i in shares[m]]
     counted = bar.n
     while True:
         try:
-            sums = accumulate(model, encoded, reference, mine, len(indices), cfg, sft, micro, pad_id, bar)
+            sums = accumulate(model, encoded, reference, mine, len(indices), cfg, micro, pad_id, bar)
             break
         except torch.OutOfMemoryError:
             pass  # out of the except block first, so that the traceback's tensors are freed
         optimizer.zero_grad(set_to_none=True)
-        memory.release()
+        release()
         bar.update(counted - bar.n)
         if micro == 1:
             sys.exit("train: out of memory with one pair a forward pass; lower --max-length, or give "
@@ -149,119 +229,70 @@ def optimizer_step(model, encoded: list, reference: list, indices: list, cfg: lm
             "pairs": len(indices)}, micro
 
 
-@dataclass
-class TrainState:
-    """Where training stands: its last optimizer step, the records so far, the best checkpoint (step, score, the
-    trainable weights then). Saved with the weights, the optimizer's state and every process's random generators
-    into `{parts}/state/` (atomically), so that a restarted stage goes on after `step` as if never stopped."""
-    step: int = 0
-    records: list = field(default_factory=list)
-    best: tuple | None = None
-
-    def checked(self) -> bool:
-        return any(r.get("step") == self.step and "heldout/accuracy" in r for r in self.records)
-
-    def save(self, parts, optimizer) -> None:
-        params = trainable(optimizer)
-        generators = dist.merge({dist.rank(): random_state()})
-        if dist.is_main():
-            with atomic(os.path.join(parts.folder, "state")) as tmp:
-                os.makedirs(tmp)
-                torch.save({"step": self.step, "records": self.records, "best": self.best and self.best[:2],
-                            "best_weights": self.best and self.best[2], "weights": [p.detach() for p in params],
-                            "optimizer": optimizer.state_dict(), "generators": generators},
-                           os.path.join(tmp, "state.pt"))
-        dist.barrier()
-
-    @classmethod
-    def load(cls, parts, optimizer) -> "TrainState":
-        path = os.path.join(parts.folder, "state", "state.pt") if parts else ""
-        if not os.path.exists(path):
-            return cls()
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for p, w in zip(trainable(optimizer), saved["weights"]):
-                p.copy_(w)
-        optimizer.load_state_dict(saved["optimizer"])
-        random_state(saved["generators"].get(dist.rank(), saved["generators"][0]))
-        best = saved["best"] and (*saved["best"], saved["best_weights"])
-        return cls(saved["step"], saved["records"], best)
-
-
-def random_state(state: dict | None = None) -> dict | None:
-    """Python's and torch's generators (CUDA's too): their state, or set them to `state`."""
-    if state is None:
-        return {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    return None
-
-
-def train(model, tokenizer, pairs: list, reference: list, cfg: lm.Config, t: int, log: Callable[[dict], None],
-          sft: bool = False, adapter: str | None = None, checkpoint: Callable[[int], float] | None = None,
-          checkpoints: int = 1, parts=None) -> list:
-    """Train the policy on the pairs with L_DPO+NLL (Eq. 1; plain DPO at α = 0; with `sft`, the NLL term alone:
+def train(policy: Policy, pairs: list, reference: list, cfg, stage: Stage,
+          select: Callable[[Stage], float] | None = None) -> list:
+    """Train the policy on the pairs with L_DPO+NLL (Eq. 1; plain DPO at α = 0; with cfg.sft, the NLL term alone:
     SFT on the chosen responses) against the stored reference log-probs: one optimizer step per
-    batch_size × grad_accum pairs, the loss averaged over the pairs of the step. With `checkpoint` (a score of the
-    step, such as accuracy on held-out questions), the policy is scored at `checkpoints` evenly spaced steps, the
-    last one included, and the best checkpoint is kept (ties go to the later one). With `parts`, a resumable state
-    is kept at each of those steps and every --save-minutes, and a restarted stage goes on from the last one.
-    Saves the adapter to the folder `adapter` when given, and returns the step records (also passed to `log`)."""
+    batch_size × grad_accum pairs, the loss averaged over the pairs of the step. With `select` (a score of the
+    policy, such as its accuracy on held-out questions, given a stage of its own), the policy is scored at
+    cfg.checkpoints evenly spaced steps, the last one included, and the best checkpoint is kept (ties go to the
+    later one). A resumable state is kept in the stage's parts at each of those steps and every --save-minutes,
+    and a restarted stage goes on from the last one. Saves the adapter beside the stage's file, and returns the
+    step records (also logged)."""
+    model, tokenizer = policy
+    t = stage.t
     model.train()
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr)
-    steps, encoded = training_order(len(pairs), cfg, t), [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
-    marks = {round(len(steps) * (k + 1) / checkpoints) for k in range(checkpoints)} if checkpoint else set()
-    state = TrainState.load(parts, optimizer)
+    steps, encoded = training_order(len(pairs), cfg, t), [encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    marks = {round(len(steps) * (k + 1) / cfg.checkpoints) for k in range(cfg.checkpoints)} if select else set()
+    state = TrainState.load(stage.parts, optimizer)
     if state.step:
         print(f"train M_{t}: going on after step {state.step} of {len(steps)}", file=sys.stderr)
     for record in state.records:  # metrics.jsonl goes on where the stopped stage left it
-        log(record)
+        stage.log(record)
     micro = dist.broadcast(pair_rows(model, encoded, range(len(pairs)), cfg, True, f"train M_{t}"))
     bar = tqdm(total=sum(map(len, steps)), initial=sum(map(len, steps[:state.step])), desc=f"train M_{t}",
                unit="pair")  # moves every micro-batch
     saved = time.time()
 
     def check():  # the paper: "select the best checkpoint using a held-out 1k samples" (Sec. 3)
-        state.records.append({"iteration": t, "step": state.step, "heldout/accuracy": checkpoint(state.step)})
-        log(state.records[-1])
+        score = select(stage.sub(f"heldout-{state.step}", f"held-out {t}: eval"))
+        state.records.append({"iteration": t, "step": state.step, "heldout/accuracy": score})
+        stage.log(state.records[-1])
         model.train()
-        if state.best is None or state.records[-1]["heldout/accuracy"] >= state.best[1]:
-            state.best = (state.step, state.records[-1]["heldout/accuracy"],
-                          [p.detach().clone() for p in trainable(optimizer)])
-        if parts:
-            state.save(parts, optimizer)
+        if state.best is None or score >= state.best[1]:
+            state.best = (state.step, score, [p.detach().clone() for p in trainable(optimizer)])
+        if stage.parts:
+            state.save(stage.parts, optimizer)
 
     if state.step in marks and not state.checked():  # stopped between a checkpoint's state and its check
         check()
     for step in range(state.step + 1, len(steps) + 1):
-        record, micro = optimizer_step(model, encoded, reference, steps[step - 1], cfg, sft, optimizer, micro,
+        record, micro = optimizer_step(model, encoded, reference, steps[step - 1], cfg, optimizer, micro,
                                        tokenizer.pad_token_id, bar)
         state.step = step
         state.records.append({"iteration": t, "step": step, **record})
-        log(state.records[-1])
+        stage.log(state.records[-1])
         bar.set_postfix_str(f"step {step}/{len(steps)}, loss {record['loss']:.4f} acc "
                             f"{record['rewards/accuracies']:.2f}")
-        if parts and (step in marks or dist.broadcast(time.time() - saved >= 60 * cfg.save_minutes)):
-            state.save(parts, optimizer)  # before a check too: a stop during it loses no optimizer step
+        if stage.parts and (step in marks or dist.broadcast(time.time() - saved >= 60 * cfg.save_minutes)):
+            state.save(stage.parts, optimizer)  # before a check too: a stop during it loses no optimizer step
             saved = time.time()
         if step in marks:
             check()
     bar.close()
-    return finish(model, state, optimizer, t, log, adapter)
+    return finish(policy, state, optimizer, t, stage)
 
 
-def finish(model, state: TrainState, optimizer, t: int, log: Callable[[dict], None], adapter: str | None) -> list:
+def finish(policy: Policy, state: TrainState, optimizer, t: int, stage: Stage) -> list:
     """The best checkpoint's weights back in the policy (with held-out checks), the record of which one, the
-    adapter saved."""
+    adapter saved beside the stage's file (with a folder to save to)."""
     if state.best is not None:
         with torch.no_grad():
             for p, kept in zip(trainable(optimizer), state.best[2]):
                 p.copy_(kept)
         state.records.append({"iteration": t, "selected_step": state.best[0], "heldout/accuracy": state.best[1]})
-        log(state.records[-1])
-    if adapter:
-        lm.save_adapter(model, adapter)
+        stage.log(state.records[-1])
+    if stage.folder:
+        policy.save(stage.path("adapter"))
     return state.records

@@ -72,7 +72,8 @@ def kill_and_resume_script(tmp_path, root):
     script = tmp_path / "killed.py"
     script.write_text(f'''import os, signal, sys
 sys.path.insert(0, {str(root)!r})
-import rpo, rundir, training
+import rpo
+from machinery import resume
 
 what, after, saves = sys.argv[1], int(sys.argv[2]), []
 
@@ -80,7 +81,7 @@ what, after, saves = sys.argv[1], int(sys.argv[2]), []
 def killing(real):
     def save(self, *args):
         real(self, *args)
-        folder = self.folder if isinstance(self, rundir.Parts) else args[0].folder
+        folder = self.folder if isinstance(self, resume.Parts) else args[0].folder
         if os.path.join("iter_1", "samples" if what == "samples" else "train_log") in folder:
             saves.append(folder)
             if len(saves) == after:
@@ -89,9 +90,9 @@ def killing(real):
 
 
 if what == "samples":
-    rundir.Parts.save = killing(rundir.Parts.save)
+    resume.Parts.save = killing(resume.Parts.save)
 else:
-    training.TrainState.save = killing(training.TrainState.save)
+    resume.TrainState.save = killing(resume.TrainState.save)
 rpo.main(sys.argv[3:])
 ''')
     return script
@@ -129,7 +130,7 @@ def assert_same_files(one, two, rel=1e-5, atol=1e-4):
             x, y = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
             assert x.keys() == y.keys() and all((x[k] - y[k]).abs().max() <= atol for k in x), name
         else:
-            from rundir import read
+            from machinery.files import read
 
             assert name.endswith((".json", ".jsonl")), name
             close(read(os.path.join(one, name)), read(os.path.join(two, name)), name)

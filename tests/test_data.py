@@ -6,7 +6,9 @@ import time
 import pytest
 
 import data
-from data import DataError, arith_problems, build_prompt, exact_match_reward, extract_answer, load_examples
+import reward
+from data import DataError, arith_problems, build_prompt, load_examples
+from reward import extract_answer
 
 
 # --- extraction and reward -------------------------------------------------------------------------------------
@@ -40,8 +42,8 @@ from data import DataError, arith_problems, build_prompt, exact_match_reward, ex
     ("", "7", 0),
 ])
 def test_numeric_reward(completion, gold, want):
-    assert exact_match_reward(completion, gold, "gsm8k") == want
-    assert exact_match_reward(completion, gold, "arith") == want
+    assert reward.judge(completion, gold, "gsm8k")[1] == want
+    assert reward.judge(completion, gold, "arith")[1] == want
 
 
 @pytest.mark.parametrize("completion, gold, want", [
@@ -58,7 +60,7 @@ def test_numeric_reward(completion, gold, want):
     ("Final answer: a plant needs light", "A", 0),  # "a" is a word, not a label
 ])
 def test_arc_reward(completion, gold, want):
-    assert exact_match_reward(completion, gold, "arc") == want
+    assert reward.judge(completion, gold, "arc")[1] == want
 
 
 @pytest.mark.parametrize("completion, gold, want", [
@@ -75,13 +77,13 @@ def test_arc_reward(completion, gold, want):
     ("The answer is 12.", "12", 0),  # MATH has no last-number fallback: the format is asked for
 ])
 def test_math_reward(completion, gold, want):
-    assert exact_match_reward(completion, gold, "math") == want
+    assert reward.judge(completion, gold, "math")[1] == want
 
 
 def test_last_boxed_nested_braces():
-    assert data.last_boxed("a \\boxed{1} then \\boxed{\\frac{a^{2}}{b}} end") == "\\frac{a^{2}}{b}"
-    assert data.last_boxed("\\boxed{unclosed") is None
-    assert data.last_boxed("no box") is None
+    assert reward.last_boxed("a \\boxed{1} then \\boxed{\\frac{a^{2}}{b}} end") == "\\frac{a^{2}}{b}"
+    assert reward.last_boxed("\\boxed{unclosed") is None
+    assert reward.last_boxed("no box") is None
 
 
 def test_extract_answer_alone():
@@ -95,13 +97,13 @@ def test_huge_inputs_are_fast():
     for task in ("gsm8k", "arc", "math"):
         for completion, gold in cases:
             start = time.perf_counter()
-            exact_match_reward(completion, gold, task)
+            reward.judge(completion, gold, task)[1]
             assert time.perf_counter() - start < 0.5, (task, completion[:20])
 
 
 def test_unknown_task():
     with pytest.raises(ValueError):
-        exact_match_reward("Final answer: 1", "1", "gsm9k")
+        reward.judge("Final answer: 1", "1", "gsm9k")[1]
 
 
 # --- the built-in arithmetic task -------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def test_arith_deterministic_disjoint_and_exact():
     assert not {p["question"] for p in a} & {p["question"] for p in test}
     for p in a + test:
         numbers = [int(w) for w in p["question"].replace(".", " ").split() if w.isdigit()]
-        assert exact_match_reward(data.gold_solution(p), p["answer"], "arith") == 1
+        assert reward.judge(data.gold_solution(p), p["answer"], "arith")[1] == 1
         assert int(p["answer"]) >= 0 and len(numbers) == 3
 
 
@@ -160,7 +162,7 @@ def test_prompts_follow_the_paper():
     ("so the question: is it 7?", None),
 ])
 def test_a_completion_ends_after_its_answer_line_or_before_a_new_question(text, end):
-    assert data.completion_end(text) == end
+    assert reward.completion_end(text) == end
 
 
 # --- loaders and bad input --------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_bad_preferences(tmp_path):
     ("5.4 \\text{ cents}.", "5.4", 1),
 ])
 def test_math_answers_equal_in_value_never_by_accident(answer, gold, want):
-    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == want
+    assert reward.judge(f"So.\nFinal answer: {answer}", gold, "math")[1] == want
 
 
 CHOICES = [("A", "a plant needs light"), ("B", "sunlight"), ("C", "A mouse runs from a coyote."), ("D", "13")]
@@ -281,7 +283,7 @@ CHOICES = [("A", "a plant needs light"), ("B", "sunlight"), ("C", "A mouse runs 
     ("Sunlight", "B", 1),
 ])
 def test_arc_answer_by_label_or_by_the_text_of_a_choice(answer, gold, want):
-    assert exact_match_reward(f"Final answer: {answer}", gold, "arc", CHOICES) == want
+    assert reward.judge(f"Final answer: {answer}", gold, "arc", CHOICES)[1] == want
 
 
 def test_load_arc_in_ai2_layout_with_numeric_keys(tmp_path):
@@ -293,8 +295,8 @@ def test_load_arc_in_ai2_layout_with_numeric_keys(tmp_path):
     assert (ex["id"], ex["question"], ex["answer"], ex["choices"]) == ("q1", "Which?", "3",
                                                                       [("1", "ice"), ("2", "steam"), ("3", "water")])
     assert build_prompt(ex).count("(3) water") == 1
-    assert exact_match_reward("Final answer: (3)", "3", "arc", ex["choices"]) == 1
-    assert exact_match_reward("Final answer: water", "3", "arc", ex["choices"]) == 1
+    assert reward.judge("Final answer: (3)", "3", "arc", ex["choices"])[1] == 1
+    assert reward.judge("Final answer: water", "3", "arc", ex["choices"])[1] == 1
     path.write_text(json.dumps({"question": {"stem": "Which?", "choices": [{"label": "1"}]}, "answerKey": "1"}) + "\n")
     with pytest.raises(DataError, match=r"arc\.jsonl:1: each of 'question.choices' needs a 'label' and a 'text'"):
         load_examples("arc", str(path))
@@ -312,9 +314,9 @@ def test_load_arc_in_ai2_layout_with_numeric_keys(tmp_path):
 ])
 def test_math_verify_grader_adds_algebraic_equivalence(answer, gold, want):
     pytest.importorskip("math_verify")
-    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == (want and answer in (
+    assert reward.judge(f"So.\nFinal answer: {answer}", gold, "math")[1] == (want and answer in (
         "x = \\text{Evelyn}",))  # the built-in grader: notation only
-    assert data.judge(f"So.\nFinal answer: {answer}", gold, "math", grader="math-verify")[1] == want
+    assert reward.judge(f"So.\nFinal answer: {answer}", gold, "math", grader="math-verify")[1] == want
 
 
 # --- a right answer followed by a remark earns its reward; a wrong one never does, whatever its remark names -------
@@ -326,8 +328,8 @@ REMARKS = ["{a} (= 5 x 4)", "{a} (because 5 x 4 = {g})", "{a} (5 x 4)", "{a} = 5
 @pytest.mark.parametrize("remark", REMARKS)
 @pytest.mark.parametrize("task", ["gsm8k", "arith", "math"])
 def test_a_remark_after_the_answer_keeps_the_reward(task, remark):
-    assert exact_match_reward("So.\nFinal answer: " + remark.format(a="20", g="20"), "20", task) == 1
-    assert exact_match_reward("So.\nFinal answer: " + remark.format(a="21", g="20"), "20", task) == 0
+    assert reward.judge("So.\nFinal answer: " + remark.format(a="20", g="20"), "20", task)[1] == 1
+    assert reward.judge("So.\nFinal answer: " + remark.format(a="21", g="20"), "20", task)[1] == 0
 
 
 @pytest.mark.parametrize("answer, gold, want", [
@@ -335,7 +337,7 @@ def test_a_remark_after_the_answer_keeps_the_reward(task, remark):
     ("$1,234.", "1234", 1), ("72.5 dollars, not 70", "72.5", 1), ("21, not 20", "20", 0), ("1 = 2 = 3", "2", 0),
 ])
 def test_of_several_values_one_is_judged(answer, gold, want):
-    assert exact_match_reward(f"Final answer: {answer}", gold, "gsm8k") == want
+    assert reward.judge(f"Final answer: {answer}", gold, "gsm8k")[1] == want
 
 
 @pytest.mark.parametrize("answer, gold, want", [
@@ -345,7 +347,7 @@ def test_of_several_values_one_is_judged(answer, gold, want):
     ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4 = 0", 1), ("(0,9) \\cup (9,36)", "(0,9) \\cup (9,36)", 1),
 ])
 def test_math_remarks_and_equations(answer, gold, want):
-    assert exact_match_reward(f"So.\nFinal answer: {answer}", gold, "math") == want
+    assert reward.judge(f"So.\nFinal answer: {answer}", gold, "math")[1] == want
 
 
 @pytest.mark.parametrize("answer, want", [
@@ -354,22 +356,22 @@ def test_math_remarks_and_equations(answer, gold, want):
     ("a plant needs light (not sunlight)", 0),
 ])
 def test_arc_remarks_after_a_label_or_a_choice(answer, want):
-    assert exact_match_reward(f"Final answer: {answer}", "B", "arc", CHOICES) == want
+    assert reward.judge(f"Final answer: {answer}", "B", "arc", CHOICES)[1] == want
 
 
 def test_a_remark_does_not_fool_math_verify():
     """math-verify alone reads "5 (= 4)" as equal to 4; the grader is given the answer without its remark."""
     pytest.importorskip("math_verify")
-    assert data.judge("Final answer: 5 (= 4)", "4", "math", grader="math-verify")[1] == 0
-    assert data.judge("Final answer: 4 (= 2 + 2)", "4", "math", grader="math-verify")[1] == 1
+    assert reward.judge("Final answer: 5 (= 4)", "4", "math", grader="math-verify")[1] == 0
+    assert reward.judge("Final answer: 4 (= 2 + 2)", "4", "math", grader="math-verify")[1] == 1
 
 
 # --- majority voting (maj@k): equal answers grouped whatever their order and form ----------------------------------
 
 def test_same_answer_is_symmetric():
-    assert data.answers_match("3 + 4 = 7", "7", "gsm8k") and data.same_answer("7", "3 + 4 = 7", "gsm8k")
-    assert data.same_answer("x = 5", "5", "math") and data.same_answer("5", "x = 5", "math")
-    assert not data.same_answer("7", "8", "gsm8k") and not data.same_answer(None, "7", "gsm8k")
+    assert reward.answers_match("3 + 4 = 7", "7", "gsm8k") and reward.same_answer("7", "3 + 4 = 7", "gsm8k")
+    assert reward.same_answer("x = 5", "5", "math") and reward.same_answer("5", "x = 5", "math")
+    assert not reward.same_answer("7", "8", "gsm8k") and not reward.same_answer(None, "7", "gsm8k")
 
 
 def test_preferences_keep_a_loser_cut_off_at_the_token_limit(tmp_path):
@@ -382,9 +384,7 @@ def test_preferences_keep_a_loser_cut_off_at_the_token_limit(tmp_path):
 
 
 def test_the_arith_defaults_are_the_flags_defaults():
-    import lm
-
-    task = lm.TaskConfig()
+    task = data.TaskConfig()
     assert (task.arith_operands, task.arith_digits, task.arith_ops, task.arith_test_every) == \
         (data.OPERANDS, data.DIGITS, data.OPS, data.TEST_EVERY)
     assert arith_problems(5, "test") == arith_problems(5, "test", operands=task.arith_operands,
@@ -406,8 +406,8 @@ def test_the_arith_defaults_are_the_flags_defaults():
 def test_flexible_extract_is_lm_evaluation_harness_rule(completion, gold, extracted, right):
     """Its regex (-?[$0-9.,]{2,})|(-?[0-9]+), the last match, first non-empty group; exact_match with ",", "\\$",
     "(?s).*#### " and "\\.$" removed from both sides, case folded (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3.0)."""
-    assert data.flexible_extract(completion) == extracted
-    assert data.lm_eval_exact_match(extracted, gold) == right
+    assert reward.flexible_extract(completion) == extracted
+    assert reward.lm_eval_exact_match(extracted, gold) == right
 
 
 # --- the preference layouts users bring, and data by name ------------------------------------------------------

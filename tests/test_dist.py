@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import write_pairs
 
-from rundir import read
+from machinery.files import read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RPO = ["--model", "tiny-random", "--n-train", "6", "--n-test", "4", "--samples", "4", "--pairs", "2",
@@ -110,7 +110,7 @@ def test_a_failure_in_main_first_ends_the_others_with_its_error(tmp_path):
     its error, instead of waiting at a barrier for the launcher's timeout."""
     pytest.importorskip("accelerate")
     script = tmp_path / "fail.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport dist\n\n\ndef convert():\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom machinery import dist\n\n\ndef convert():\n"
                       "    if dist.is_main():\n        raise RuntimeError('conversion failed')\n\n\n"
                       "dist.state()\ndist.run(lambda: dist.main_first(convert))\n")
     done = subprocess.run(launcher(2) + [str(script)], capture_output=True, text=True, timeout=120,
@@ -125,9 +125,10 @@ def test_a_process_that_fails_ends_the_others_with_its_error(tmp_path):
 
     pytest.importorskip("accelerate")
     script = tmp_path / "fail.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport dist, rpo, sampler\n\n\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport rpo, sampling\n"
+                      "from machinery import dist\n\n\n"
                       "def failing(*args, **kwargs):\n    raise RuntimeError('sampling failed')\n\n\n"
-                      "if dist.rank() == 1:\n    sampler.generate_ids = failing\nrpo.main(sys.argv[1:])\n")
+                      "if dist.rank() == 1:\n    sampling.generate_ids = failing\nrpo.main(sys.argv[1:])\n")
     start = time.time()
     done = subprocess.run(launcher(2) + [str(script), *RPO, "--out", str(tmp_path / "run")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,8 +1,8 @@
 """plot.py draws a PNG per run directory from metrics.jsonl and eval.json."""
 import pytest
 
-import plot
-import rundir
+from machinery import files, results
+from tools import plot
 
 
 def test_plots_of_rpo_and_sdpo_runs(full_run, two_steps, tmp_path, capsys):
@@ -30,15 +30,15 @@ def test_sdpo_runs_together_give_gamma_ref_by_file(two_steps, tmp_path, capsys):
     plot.main(["--together", cfg.out, "--out", str(tmp_path / "sdpo.png")])
     table = capsys.readouterr().out
     for t in (1, 2):
-        gamma = [r["chosen"] - r["rejected"] for r in rundir.read(f"{cfg.out}/step_{t}/reference.jsonl")]
+        gamma = [r["chosen"] - r["rejected"] for r in files.read(f"{cfg.out}/step_{t}/reference.jsonl")]
         assert f"| p.jsonl: {sum(gamma) / len(gamma):.2f} ({len(gamma)}) |" in table
 
 
 def test_sign_test():
-    assert rundir.sign_test(0, 0) == 1.0
-    assert rundir.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
-    assert rundir.sign_test(3, 3) == 1.0
-    assert rundir.sign_test(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert results.sign_test(0, 0) == 1.0
+    assert results.sign_test(0, 5) == pytest.approx(2 / 32)  # 5 gained, none lost: 2 · (1/2)^5
+    assert results.sign_test(3, 3) == 1.0
+    assert results.sign_test(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
 
 
 def test_unfinished_run_is_one_line(tmp_path):

@@ -14,15 +14,17 @@ import pytest
 from conftest import DATA, assert_same_files, kill_and_resume_script, snapshot, tiny_config
 
 import data
-import lm
+import model as models
+import reward
 import rpo
-import rundir
-from rundir import read
+import training
+from machinery import cli
+from machinery.files import read
 
 
 def test_whole_loop_two_iterations(full_run):
     out, rows = full_run
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["t"] for r in rows] == [0, 1, 2]
     for t in (1, 2):
         folder = out / f"iter_{t}"
         for name in ("samples.jsonl", "pairs.jsonl", "reference.jsonl", "train_log.jsonl", "eval.json", "stats.json"):
@@ -31,11 +33,11 @@ def test_whole_loop_two_iterations(full_run):
         samples = read(str(folder / "samples.jsonl"))
         assert len(samples) == 6 * 4 and {s["reward"] for s in samples} <= {0, 1}
         pairs = read(str(folder / "pairs.jsonl"))
-        assert rows[t]["pairs"] == len(pairs) > 0
+        assert rows[t]["stats"]["pairs"] == len(pairs) > 0
         assert all(p["chosen"] != p["rejected"] for p in pairs)
     metrics = read(str(out / "metrics.jsonl"))
     steps = [m for m in metrics if "step" in m]
-    assert steps and all(name in steps[0] for name in lm.METRICS)
+    assert steps and all(name in steps[0] for name in training.METRICS)
     assert [m["stage"] for m in metrics if "stage" in m] == ["eval", "stats", "eval", "stats", "eval"]
     assert not [p for p in snapshot(out) if p.endswith(".tmp")]
 
@@ -94,7 +96,7 @@ def test_make_pairs_walks_with_wrap_around():
 
 def test_pair_up_drops_too_long_and_caps(tmp_path):
     cfg = tiny_config(tmp_path, pairs_per_question=3, max_length=200, max_pairs=2)
-    _, tokenizer = lm.tiny_random()
+    _, tokenizer = models.tiny_random()
     examples = [{"id": "a", "task": "arith", "question": "q", "answer": "7", "solution": None},
                 {"id": "b", "task": "arith", "question": "q", "answer": "7", "solution": None}]
     samples = [{"id": "a", "prompt": "P", "completion": c, "reward": r}
@@ -110,12 +112,12 @@ def test_samples_are_rewarded_by_the_one_reward_function(full_run):
 
     out, _ = full_run
     cfg = tiny_config(out)
-    gold = {ex["id"]: ex["answer"] for ex in lm.load_task(cfg, cfg.seed, cfg.heldout_questions)[0]}
+    gold = {ex["id"]: ex["answer"] for ex in data.load_task(cfg, cfg.seed, cfg.heldout_questions)[0]}
     for s in read(str(out / "iter_1" / "samples.jsonl")):
-        assert (s["extracted"], s["reward"]) == data.judge(s["completion"], gold[s["id"]], "arith", None,
+        assert (s["extracted"], s["reward"]) == reward.judge(s["completion"], gold[s["id"]], "arith", None,
                                                            s["truncated"])
     for r in read(str(out / "iter_1" / "eval.json"))["results"]:
-        assert (r["extracted"], r["correct"]) == data.judge(r["completion"], r["gold"], "arith", None, r["truncated"])
+        assert (r["extracted"], r["correct"]) == reward.judge(r["completion"], r["gold"], "arith", None, r["truncated"])
 
 
 def test_cli_help_lists_paper_values_once_per_flag(capsys):
@@ -133,20 +135,20 @@ def test_cli_help_lists_paper_values_once_per_flag(capsys):
 def test_config_file_presets_flags_and_old_names(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"beta": 0.5, "samples": 3}))  # a field's old name is still read
-    cfg = rundir.parse_config(rpo.Config, ["--config", str(path), "--samples", "5", "--preset", "gsm8k-7b"],
+    cfg = cli.parse_config(rpo.Config, ["--config", str(path), "--samples", "5", "--preset", "gsm8k-7b"],
                               rpo.PRESETS)
     assert (cfg.beta, cfg.samples_per_question, cfg.task, cfg.pairs_per_question) == (0.5, 5, "gsm8k", 10)
-    cfg = rundir.parse_config(rpo.Config, ["--pairs", "3", "--max_new_tokens", "7", "--load-in-4bit", "--add-gold",
+    cfg = cli.parse_config(rpo.Config, ["--pairs", "3", "--max_new_tokens", "7", "--load-in-4bit", "--add-gold",
                                            "--temperatures", "0.5", "1"])
     assert (cfg.pairs_per_question, cfg.max_new_tokens, cfg.load_in_4bit, cfg.add_gold) == (3, 7, True, True)
     assert cfg.temperatures == [0.5, 1.0]
-    cfg = rundir.parse_config(rpo.Config, ["--no-load-in-4bit", "--no-add-gold", "--no-gradient-checkpointing"],
+    cfg = cli.parse_config(rpo.Config, ["--no-load-in-4bit", "--no-add-gold", "--no-gradient-checkpointing"],
                               rpo.PRESETS)
     assert (cfg.load_in_4bit, cfg.add_gold, cfg.gradient_checkpointing) == (False, False, False)
-    assert rundir.parse_config(rpo.Config, []).load_in_4bit is None
+    assert cli.parse_config(rpo.Config, []).load_in_4bit is None
     path.write_text(json.dumps({"betta": 0.5}))
     with pytest.raises(SystemExit, match="unknown field"):
-        rundir.parse_config(rpo.Config, ["--config", str(path)])
+        cli.parse_config(rpo.Config, ["--config", str(path)])
 
 
 def test_file_task_without_files_is_one_clear_line(tmp_path):
@@ -188,8 +190,8 @@ def test_cut_off_samples_are_never_winners_and_get_no_eos(full_run):
     assert not [p for p in pairs if p["chosen"] in texts]
     losers = [p for p in pairs if p["rejected_truncated"]]
     assert losers and all(p["rejected"] in texts for p in losers)
-    _, tokenizer = lm.tiny_random()
-    _, chosen, rejected = lm.encode_pair(tokenizer, losers[0], 512)
+    _, tokenizer = models.tiny_random()
+    _, chosen, rejected = training.encode_pair(tokenizer, losers[0], 512)
     assert chosen[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in rejected
     evaluation = read(str(out / "iter_1" / "eval.json"))
     assert evaluation["truncated"] == sum(r["truncated"] for r in evaluation["results"])
@@ -225,17 +227,17 @@ def test_whole_loop_on_the_published_gsm8k(tmp_path):
     gold = [p for p in pairs if p["chosen"] == data.gold_solution(first)]
     assert gold and gold[0]["chosen"].endswith(f"\nFinal answer: {first['answer']}") and "<<" not in gold[0]["chosen"]
     assert len([r for r in read(str(tmp_path / "run" / "iter_1" / "train_log.jsonl")) if "loss" in r]) == 1
-    assert [r["iteration"] for r in rows] == [0, 1] and read(str(tmp_path / "run" / "iter_1" / "eval.json"))["n"] == 2
+    assert [r["t"] for r in rows] == [0, 1] and read(str(tmp_path / "run" / "iter_1" / "eval.json"))["n"] == 2
     evaluation = read(str(tmp_path / "run" / "iter_1" / "eval.json"))  # both GSM8K scores lm-eval readers know
     assert evaluation["strict-match"] == evaluation["accuracy"]
-    assert evaluation["flexible-extract"] == sum(data.lm_eval_exact_match(data.flexible_extract(r["completion"]),
+    assert evaluation["flexible-extract"] == sum(reward.lm_eval_exact_match(reward.flexible_extract(r["completion"]),
                                                                           r["gold"]) for r in evaluation["results"]) / 2
 
 
 def test_heldout_questions_pick_the_checkpoint_and_are_never_sampled(full_run):
     out, rows = full_run
     cfg = tiny_config(out)
-    train_set, _, _, heldout = lm.load_task(cfg, cfg.seed, cfg.heldout_questions)
+    train_set, _, _, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions)
     assert len(heldout) == cfg.heldout_questions and len(train_set) == cfg.n_train
     assert not {ex["id"] for ex in heldout} & {s["id"] for s in read(str(out / "iter_1" / "samples.jsonl"))}
     for t in (1, 2):
@@ -310,7 +312,7 @@ def test_a_model_id_neither_cached_nor_reachable_is_named(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(data.DataError, match=r"--model smollm2-136m: not a built-in name, a folder, nor in the "
                                              r"Hugging Face cache \(and HF_HUB_OFFLINE is set\)"):
-        lm.check_model("smollm2-136m")
+        models.check_model("smollm2-136m")
 
 
 def test_a_start_that_failed_leaves_nothing_and_an_old_failed_config_does_not_block(tmp_path):
@@ -336,7 +338,7 @@ def test_a_finished_run_continues_with_more_iterations(full_run, tmp_path):
 def test_the_gold_solution_is_paired_even_when_the_model_is_often_right(tmp_path):
     """12 right and 18 wrong samples, K = 10: the gold is the first winner of the walk, so it is paired."""
     cfg = tiny_config(tmp_path, pairs_per_question=10, add_gold=True)
-    _, tokenizer = lm.tiny_random()
+    _, tokenizer = models.tiny_random()
     example = {"id": "q", "task": "arith", "question": "3 + 4?", "answer": "7", "solution": "3 + 4 = 7."}
     samples = [{"id": "q", "prompt": "P", "completion": f"Try {i}: 3 + 4 = 7.\nFinal answer: 7", "reward": 1}
                for i in range(12)] + [{"id": "q", "prompt": "P", "completion": f"It is {i}", "reward": 0}
@@ -356,7 +358,7 @@ def test_each_iteration_samples_at_its_temperature(full_run):
         assert rpo.sampling_temperature(cfg, t) == want
     assert [rpo.sampling_temperature(rpo.Config(), t) for t in range(1, 6)] == [0.8, 0.8, 1.3, 1.3, 1.3]
     for preset, want in (("gsm8k-7b", [0.8, 0.8, 1.3, 1.3]), ("arc-7b", [0.8, 0.8, 1.3]), ("math-7b", [0.8, 0.8, 1.0])):
-        cfg = rundir.parse_config(rpo.Config, ["--preset", preset], rpo.PRESETS)
+        cfg = cli.parse_config(rpo.Config, ["--preset", preset], rpo.PRESETS)
         assert [rpo.sampling_temperature(cfg, t) for t in range(1, cfg.iterations + 1)] == want, preset
 
 

@@ -7,25 +7,27 @@ import torch
 from conftest import sdpo_config as config, snapshot, write_pairs
 
 import data
-import lm
+import model as models
 import sdpo
 import training
-from rundir import read, seed_everything
+from machinery.files import read, seed_everything
+from machinery.resume import Stage
 
 
 def logps_under(cfg, adapter, pairs):
-    model, tokenizer = lm.load_model(cfg)
+    policy = models.load_model(cfg)
     if adapter:
-        lm.load_adapter(model, adapter)
-    return training.reference_logps(model, tokenizer, pairs, cfg, "check")
+        policy.load(adapter)
+    return training.reference_logps(policy, pairs, cfg, Stage("check"))
 
 
 def test_two_steps_end_to_end(two_steps):
     cfg, rows = two_steps
-    assert [r["step"] for r in rows] == [0, 1, 2] and [r.get("pairs") for r in rows] == [None, 10, 10]
+    assert [r["t"] for r in rows] == [0, 1, 2] and [r["stats"].get("pairs") for r in rows] == [None, 10, 10]
     metrics = read(f"{cfg.out}/metrics.jsonl")
     assert [m["stage"] for m in metrics if "stage" in m] == ["eval", "stats", "eval", "stats", "eval"]
-    assert rows[2]["heldout/gamma_mean"] > rows[0]["heldout/gamma_mean"]  # training moved the held-out margin
+    # training moved the held-out margin
+    assert rows[2]["eval"]["heldout/gamma_mean"] > rows[0]["eval"]["heldout/gamma_mean"]
 
 
 def test_step_2_reference_is_the_step_1_model_not_the_base(two_steps):
@@ -48,10 +50,11 @@ def test_one_step_is_plain_dpo_on_all_data(tmp_path):
     sdpo.run(cfg)
     chunk = read(f"{cfg.out}/step_1/pairs.jsonl")
     assert len(chunk) == 10
-    model, tokenizer = lm.load_model(cfg)  # one DPO run over all the training pairs, by hand
-    reference = training.reference_logps(model, tokenizer, chunk, cfg, "ref")
+    policy = models.load_model(cfg)  # one DPO run over all the training pairs, by hand
+    model = policy.model
+    reference = training.reference_logps(policy, chunk, cfg, Stage("ref"))
     seed_everything(cfg.seed, 1, "train")
-    training.train(model, tokenizer, chunk, reference, cfg, 1, lambda r: None)
+    training.train(policy, chunk, reference, cfg, Stage("train", t=1))
     from peft import load_peft_weights
 
     saved = load_peft_weights(f"{cfg.out}/step_1/adapter")
@@ -80,7 +83,7 @@ def test_given_split_steps_one_file_each(tmp_path):
     files = [write_pairs(tmp_path / "a.jsonl", 8), write_pairs(tmp_path / "b.jsonl", 8, offset=100)]
     cfg = config(tmp_path, files, split="given", heldout=2)
     rows = sdpo.run(cfg)
-    assert sum(r.get("pairs", 0) for r in rows) == 14
+    assert sum(r["stats"].get("pairs", 0) for r in rows) == 14
     with pytest.raises(SystemExit, match="one file per step"):
         sdpo.run(config(tmp_path, files, split="given", steps=3, out=str(tmp_path / "other")))
 
@@ -105,9 +108,9 @@ def test_over_rpo_pairs_measures_task_accuracy(full_run, tmp_path):
     out, _ = full_run
     cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl"), str(out / "iter_2" / "pairs.jsonl")], heldout=4)
     rows = sdpo.run(cfg)
-    assert all("accuracy" in r and r["test_n"] == 4 for r in rows)
+    assert all("accuracy" in r["eval"] and r["eval"]["test_n"] == 4 for r in rows)
     m0 = read(str(out / "iter_0" / "eval.json"))  # step 0 is M_0: the rpo.py run's own measurement
-    assert rows[0]["accuracy"] == m0["accuracy"] and rows[0]["results"] == m0["results"]
+    assert rows[0]["eval"]["accuracy"] == m0["accuracy"] and rows[0]["eval"]["results"] == m0["results"]
 
 
 def test_bad_data_is_one_line(tmp_path):
@@ -141,7 +144,7 @@ def test_several_files_are_steps_in_their_order_by_default(tmp_path):
     first = {p["prompt"][0]["content"] for p in read(str(tmp_path / "run" / "step_1" / "pairs.jsonl"))}
     assert first <= {f"What is {i} + 2?" for i in range(10)}  # step 1 is the first file
     one = sdpo.run(config(tmp_path, files, heldout=2, epochs=1, steps=1, out=str(tmp_path / "dpo")))  # all at once
-    assert read(str(tmp_path / "dpo" / "config.json"))["split"] == "random" and one[1]["pairs"] == 18
+    assert read(str(tmp_path / "dpo" / "config.json"))["split"] == "random" and one[1]["stats"]["pairs"] == 18
 
 
 def test_a_loser_cut_off_in_rpo_is_scored_without_eos_in_sdpo_too(full_run, tmp_path):
@@ -150,8 +153,8 @@ def test_a_loser_cut_off_in_rpo_is_scored_without_eos_in_sdpo_too(full_run, tmp_
     out, _ = full_run
     pairs = data.load_preferences(str(out / "iter_1" / "pairs.jsonl"))
     cut = [p for p in pairs if p.get("rejected_truncated")]
-    _, tokenizer = lm.tiny_random()
-    assert cut and all(lm.encode_pair(tokenizer, p, 512)[2][-1] != tokenizer.eos_token_id for p in cut)
+    _, tokenizer = models.tiny_random()
+    assert cut and all(training.encode_pair(tokenizer, p, 512)[2][-1] != tokenizer.eos_token_id for p in cut)
     cfg = config(tmp_path, [str(out / "iter_1" / "pairs.jsonl")], steps=1, heldout=2, epochs=1)
     sdpo.run(cfg)
     theirs = {(json.dumps(p["prompt"]), p["chosen"], p["rejected"]): r for p, r in zip(

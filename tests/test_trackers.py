@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import trackers
-from rundir import read
+from machinery import trackers
+from machinery.files import read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--model", "tiny-random", "--n-train", "4", "--n-test", "3", "--samples", "4", "--pairs", "2",

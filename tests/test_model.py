@@ -1,19 +1,31 @@
-"""lm.py on a tiny random Llama: log-probs of pairs (shared prompt or not, gradients), the reference pass, training,
-adapters in stock PEFT, the sampler, tokenisation, 4-bit LoRA gradients; a GPU-only QLoRA run."""
+"""model.py, training.py and sampling.py on a tiny random Llama: log-probs of pairs (shared prompt or not,
+gradients), the reference pass, training, adapters in stock PEFT, the sampler, tokenisation, 4-bit LoRA gradients;
+a GPU-only QLoRA run."""
 import json
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import some_pairs, tiny_config
 
-import lm
+import model as models
+import reward
 import rpo
-import rundir
-import sampler
+import sampling
 import training
 from losses import rpo_loss, sequence_logps
-from rundir import read
+from machinery import clock
+from machinery.files import read
+from machinery.resume import Stage
+from model import Policy
+
+
+def sample(policy, prompts: list, n: int, new_tokens: int, rows: int, label: str, budget: float = 0.0) -> list:
+    """`sampling.generate` at T = 0.8 outside a run: keys 0, 1, ..., no parts kept."""
+    cfg = SimpleNamespace(max_new_tokens=new_tokens, sample_batch_size=rows, memory_budget=budget)
+    return sampling.generate(policy, prompts, list(range(len(prompts))), n, 0.8, cfg, Stage(label))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -21,16 +33,17 @@ def test_reference_logps_equal_policy_at_step_0(tmp_path, checkpointing):
     """The reference pass and training score pairs by the same path, so at step 0 the policy equals the reference
     (with gradient checkpointing too, where both take the concatenated path)."""
     cfg = tiny_config(tmp_path, gradient_checkpointing=checkpointing)
-    model, tokenizer = lm.load_model(cfg)
-    assert lm.checkpointing(model) == checkpointing
+    policy = models.load_model(cfg)
+    model, tokenizer = policy
+    assert training.checkpointing(model) == checkpointing
     pairs = some_pairs()
-    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(policy, pairs, cfg, Stage("ref"))
     model.train()
-    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
-    chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    encoded = [training.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    chosen, rejected, _ = training.pair_logps(model, training.collate(encoded, tokenizer.pad_token_id))
     assert torch.allclose(chosen.detach(), torch.tensor([r["chosen"] for r in reference]), atol=1e-5)
     assert torch.allclose(rejected.detach(), torch.tensor([r["rejected"] for r in reference]), atol=1e-5)
-    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    records = training.train(policy, pairs, reference, cfg, Stage("train", t=1))
     assert records[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # all of step 1 is before the update
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     # the logged loss is Eq. 1: losses.rpo_loss of the step's pairs
@@ -40,11 +53,11 @@ def test_reference_logps_equal_policy_at_step_0(tmp_path, checkpointing):
 def test_pair_logps_equal_each_sequence_alone_shared_prompt_or_not():
     """A batch of pairs with prompts and responses of different lengths: each log-prob equals that of its prompt +
     response scored alone, unpadded, whether the prompt is computed once (shared) or once per response."""
-    model, tokenizer = lm.tiny_random()
+    model, tokenizer = models.tiny_random()
     pairs = some_pairs(3)
     pairs[1]["prompt"][0]["content"] += " Think carefully, please."  # prompts of different lengths
     pairs[2]["rejected"] = "A much longer wrong answer, with more words.\nFinal answer: 9"
-    encoded = [lm.encode_pair(tokenizer, p, 512) for p in pairs]
+    encoded = [training.encode_pair(tokenizer, p, 512) for p in pairs]
     alone = []
     with torch.no_grad():
         for p, c, r in encoded:
@@ -52,7 +65,8 @@ def test_pair_logps_equal_each_sequence_alone_shared_prompt_or_not():
                 labels = torch.tensor([[-100] * len(p) + response])
                 alone.append(sequence_logps(model(input_ids=torch.tensor([p + response])).logits, labels)[0][0])
         for share in (True, False):
-            chosen, rejected, lengths = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id), share)
+            batch = training.collate(encoded, tokenizer.pad_token_id)
+            chosen, rejected, lengths = training.pair_logps(model, batch, share)
             assert torch.allclose(chosen, torch.stack(alone[0::2]), atol=1e-4), share
             assert torch.allclose(rejected, torch.stack(alone[1::2]), atol=1e-4), share
             assert lengths.tolist() == [len(c) for _, c, _ in encoded]
@@ -60,17 +74,17 @@ def test_pair_logps_equal_each_sequence_alone_shared_prompt_or_not():
 
 def test_shared_prompt_gives_the_gradients_of_separate_sequences(tmp_path):
     cfg = tiny_config(tmp_path)
-    model, tokenizer = lm.load_model(cfg)
+    model, tokenizer = models.load_model(cfg)
     pairs = some_pairs(3)
     pairs[0]["prompt"][0]["content"] += " (a longer prompt)"
-    batch = lm.collate([lm.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
+    batch = training.collate([training.encode_pair(tokenizer, p, 512) for p in pairs], tokenizer.pad_token_id)
     for p in model.parameters():  # B = 0 at init would give zero gradients to A: move off it
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     model.train()
     grads = []
     for share in (True, False):
-        chosen, rejected, _ = lm.pair_logps(model, batch, share)
+        chosen, rejected, _ = training.pair_logps(model, batch, share)
         (chosen.sum() - 0.5 * rejected.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
         model.zero_grad()
@@ -80,9 +94,9 @@ def test_shared_prompt_gives_the_gradients_of_separate_sequences(tmp_path):
 
 def mean_loss(model, tokenizer, pairs, reference, cfg):
     model.eval()
-    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    encoded = [training.encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
     with torch.no_grad():
-        chosen, rejected, lengths = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+        chosen, rejected, lengths = training.pair_logps(model, training.collate(encoded, tokenizer.pad_token_id))
     ref_c = torch.tensor([r["chosen"] for r in reference])
     ref_r = torch.tensor([r["rejected"] for r in reference])
     return rpo_loss(chosen, rejected, ref_c, ref_r, lengths, cfg.beta, cfg.alpha)[0].mean().item()
@@ -93,16 +107,16 @@ def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path
     from peft import PeftModel
 
     cfg = tiny_config(tmp_path, epochs=4, lr=3e-3, alpha=alpha, sft=sft)
-    model, tokenizer = lm.load_model(cfg)
+    policy = models.load_model(cfg)
+    model, tokenizer = policy
     pairs = some_pairs()
-    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(policy, pairs, cfg, Stage("ref"))
     before = mean_loss(model, tokenizer, pairs, reference, cfg)
-    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, sft,
-                       adapter=str(tmp_path / "adapter"))
+    records = training.train(policy, pairs, reference, cfg, Stage("train", folder=str(tmp_path), t=1))
     after = mean_loss(model, tokenizer, pairs, reference, cfg)
     assert len(records) == 4 * 2 and after < before - 0.05
 
-    base, _ = lm.tiny_random()
+    base, _ = models.tiny_random()
     stock = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     ids = torch.tensor([tokenizer("Final answer: 42")["input_ids"]])
     with torch.no_grad():
@@ -110,9 +124,9 @@ def test_training_lowers_the_loss_and_saved_adapter_loads_in_stock_peft(tmp_path
 
 
 def test_generation_stops_after_the_final_answer_line():
-    _, tokenizer = lm.tiny_random()
+    _, tokenizer = models.tiny_random()
     text = tokenizer("so 3 + 4 = 7.\nFinal answer: 7\nQuestion")["input_ids"]
-    done_at = next(i for i in range(1, len(text) + 1) if sampler.answer_done(tokenizer, text[:i]))
+    done_at = next(i for i in range(1, len(text) + 1) if sampling.answer_done(tokenizer, text[:i]))
     assert tokenizer.decode(text[:done_at]).endswith("Final answer: 7\n")
 
 
@@ -120,27 +134,27 @@ def test_sample_tokens_follows_softmax_over_temperature_and_leaves_its_input_alo
     """With the sampler's own draws: 40,000 rows at one step, and one row over 40,000 steps."""
     logits = torch.tensor([[0.0, 1.0, 2.0, -30.0, 3.0]]).repeat(40000, 1)  # (B, V)
     kept = logits.clone()
-    across_rows = sampler.uniforms(sampler.row_keys(7, range(40000), [0] * 40000), step=3)
-    one_row = sampler.row_keys(7, [0], [0])
-    across_steps = torch.cat([sampler.uniforms(one_row, step) for step in range(40000)])
+    across_rows = sampling.uniforms(sampling.row_keys(7, range(40000), [0] * 40000), step=3)
+    one_row = sampling.row_keys(7, [0], [0])
+    across_steps = torch.cat([sampling.uniforms(one_row, step) for step in range(40000)])
     for u in (across_rows, across_steps):
         for temperature in (0.5, 1.0, 2.0):
-            counts = torch.bincount(sampler.sample_tokens(logits, temperature, u), minlength=5) / len(logits)
+            counts = torch.bincount(sampling.sample_tokens(logits, temperature, u), minlength=5) / len(logits)
             expected = torch.softmax(logits[0] / temperature, -1)
             assert (counts - expected).abs().max() < 0.01, (temperature, counts, expected)
             assert torch.equal(logits, kept)  # the caller's logits are not changed in place
-    assert sampler.sample_tokens(logits[:2], 0.0).tolist() == [4, 4]
+    assert sampling.sample_tokens(logits[:2], 0.0).tolist() == [4, 4]
 
 
 def test_the_draws_are_uniform_and_unrelated_between_rows_and_steps():
-    keys = sampler.row_keys(0, range(20000), [0] * 20000)
-    u0, u1 = sampler.uniforms(keys, 0), sampler.uniforms(keys, 1)
+    keys = sampling.row_keys(0, range(20000), [0] * 20000)
+    u0, u1 = sampling.uniforms(keys, 0), sampling.uniforms(keys, 1)
     assert 0 <= u0.min() and u0.max() < 1
     deciles = torch.histc(u0, bins=10, min=0, max=1) / len(u0)
     assert (deciles - 0.1).abs().max() < 0.01
     assert abs(torch.corrcoef(torch.stack([u0, u1]))[0, 1]) < 0.03  # a row's next step, another number
     assert abs(torch.corrcoef(torch.stack([u0[:-1], u0[1:]]))[0, 1]) < 0.03  # the next row, another number
-    assert torch.equal(sampler.uniforms(keys[5:9], 1), u1[5:9])  # a row's draw is its own, whatever the batch
+    assert torch.equal(sampling.uniforms(keys[5:9], 1), u1[5:9])  # a row's draw is its own, whatever the batch
 
 
 def test_generate_ids_equals_model_generate_greedy_with_early_stops():
@@ -148,13 +162,13 @@ def test_generate_ids_equals_model_generate_greedy_with_early_stops():
     decoding equals model.generate's, row by row (float64, so batch composition cannot flip an argmax)."""
     from transformers import GenerationConfig
 
-    model, tokenizer = lm.tiny_random()
+    model, tokenizer = models.tiny_random()
     model = model.double().eval()
     prompts = [tokenizer(t)["input_ids"] for t in ("1 + 1 = ?", "What is 12 - 5? Think.", "7")]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    free = sampler.generate_ids(model, prompts, 1, 0.0, 12, eos, pad)
+    free = sampling.generate_ids(model, prompts, 1, 0.0, 12, eos, pad)
     stop_token = free[0][4]  # rows that sample this token are done (a stand-in for the answer line)
-    ours = sampler.generate_ids(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
+    ours = sampling.generate_ids(model, prompts, 2, 0.0, 12, eos, pad, done=lambda row: row[-1] == stop_token)
     for k, p in enumerate(prompts):
         plain = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,
@@ -171,7 +185,7 @@ def llama2_style_tokenizer():
     tokenising with special tokens (the default) adds one more in front."""
     from tokenizers.processors import TemplateProcessing
 
-    _, tokenizer = lm.tiny_random()
+    _, tokenizer = models.tiny_random()
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer.chat_template = ("{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
                                "{% endfor %}")
@@ -181,13 +195,13 @@ def llama2_style_tokenizer():
 def test_encode_pair_appends_eos_and_writes_the_templates_bos_once():
     tokenizer = llama2_style_tokenizer()
     pair = some_pairs(1)[0]
-    text = lm.prompt_text(tokenizer, pair["prompt"])
+    text = models.prompt_text(tokenizer, pair["prompt"])
     assert text.startswith("<s>[INST]") and tokenizer(text)["input_ids"][:2] == [1, 1]  # the pitfall is live
-    prompt, chosen, rejected = lm.encode_pair(tokenizer, pair, 512)
+    prompt, chosen, rejected = training.encode_pair(tokenizer, pair, 512)
     assert prompt.count(tokenizer.bos_token_id) == 1 and prompt[0] == tokenizer.bos_token_id
     assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(prompt + chosen[:-1]).endswith("[/INST]0 + 1 = 1.\nFinal answer: 1")
-    plain = lm.encode_prompt(tokenizer, "Question: 1 + 1?")  # a plain-text prompt gets the tokenizer's one BOS
+    plain = models.encode_prompt(tokenizer, "Question: 1 + 1?")  # a plain-text prompt gets the tokenizer's one BOS
     assert plain.count(tokenizer.bos_token_id) == 1
 
 
@@ -200,15 +214,15 @@ def four_bit_and_full_precision(tmp_path, monkeypatch):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the pitfall and this check are CPU ones
     cfg = tiny_config(tmp_path, load_in_4bit=True)
-    quantised, tokenizer = lm.load_model(cfg)
+    quantised, tokenizer = models.load_model(cfg)
     torch.manual_seed(1)
     for name, p in quantised.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
-    full, _ = lm.tiny_random()
+    full, _ = models.tiny_random()
     state = full.state_dict()
     for name, module in quantised.base_model.model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -223,8 +237,8 @@ def four_bit_and_full_precision(tmp_path, monkeypatch):
 def lora_grads(model, tokenizer, cfg):
     model.train()
     model.zero_grad()
-    encoded = [lm.encode_pair(tokenizer, p, cfg.max_length) for p in some_pairs(2)]
-    chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+    encoded = [training.encode_pair(tokenizer, p, cfg.max_length) for p in some_pairs(2)]
+    chosen, rejected, _ = training.pair_logps(model, training.collate(encoded, tokenizer.pad_token_id))
     (chosen.sum() - rejected.sum()).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -232,7 +246,7 @@ def lora_grads(model, tokenizer, cfg):
 def test_4bit_lora_gradients_match_full_precision_after_generate(tmp_path, monkeypatch):
     quantised, full, tokenizer, cfg = four_bit_and_full_precision(tmp_path, monkeypatch)
     # generate() is the eval-mode no-grad forward after which bitsandbytes' CPU repack corrupts the gradients.
-    lm.generate(quantised, tokenizer, ["Question: 1 + 1?"], 2, 0.8, 4, 2, "warm-up")
+    sample(Policy(quantised, tokenizer), ["Question: 1 + 1?"], 2, 4, 2, "warm-up")
     got, want = lora_grads(quantised, tokenizer, cfg), lora_grads(full, tokenizer, cfg)
     assert got.keys() == want.keys() and len(got) > 0
     for name in got:
@@ -242,7 +256,7 @@ def test_4bit_lora_gradients_match_full_precision_after_generate(tmp_path, monke
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_loop_on_gpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "CACHE", str(tmp_path))
     rows = rpo.run(tiny_config(tmp_path / "run", iterations=1, gradient_checkpointing=True))
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["load_in_4bit"] is None and len(rows) == 2  # None = 4-bit on CUDA
@@ -252,14 +266,14 @@ def test_qlora_loop_on_gpu(tmp_path, monkeypatch):
 
 
 def test_pair_logps_agree_with_trl_on_its_own_tokens(tmp_path):
-    """TRL's DPOTrainer (precomputed reference, fp32) and `lm.pair_logps` give the same log-probs for the same token
-    ids. The tokens differ in one place, accounted for here: TRL's chosen/rejected ids of a conversational pair end
-    with what the chat template writes after the message (here "\\n"; SmolLM2: "<|im_end|>\\n"), ours with EOS."""
+    """TRL's DPOTrainer (precomputed reference, fp32) and `training.pair_logps` give the same log-probs for the same
+    token ids. The tokens differ in one place, accounted for here: TRL's chosen/rejected ids of a conversational pair
+    end with what the chat template writes after the message (here "\\n"; SmolLM2: "<|im_end|>\\n"), ours with EOS."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer = lm.tiny_random()
+    model, tokenizer = models.tiny_random()
     pairs = some_pairs(4)
     conversational = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                        "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
@@ -271,30 +285,32 @@ def test_pair_logps_agree_with_trl_on_its_own_tokens(tmp_path):
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     encoded = []
     for row, pair in zip(rows, pairs):
-        prompt, chosen, rejected = lm.encode_pair(tokenizer, pair, 512)
+        prompt, chosen, rejected = training.encode_pair(tokenizer, pair, 512)
         assert row["prompt_ids"] == prompt
         assert row["chosen_ids"] == chosen[:-1] + newline and row["rejected_ids"] == rejected[:-1] + newline
         encoded.append((row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]))
     model.eval()
     with torch.no_grad():
-        chosen, rejected, _ = lm.pair_logps(model, lm.collate(encoded, tokenizer.pad_token_id))
+        chosen, rejected, _ = training.pair_logps(model, training.collate(encoded, tokenizer.pad_token_id))
     assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in rows]), atol=5e-5)
     assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in rows]), atol=5e-5)
 
 
 def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
     cfg = tiny_config(tmp_path, epochs=4, lr=3e-3)  # 4 epochs × 2 steps
-    model, tokenizer = lm.load_model(cfg)
+    cfg = replace(cfg, checkpoints=4)
+    policy = models.load_model(cfg)
+    model, tokenizer = policy
     pairs = some_pairs()
-    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
+    reference = training.reference_logps(policy, pairs, cfg, Stage("ref"))
     scores, seen = iter([0.2, 0.5, 0.5, 0.1]), []
 
-    def checkpoint(step):
+    def checkpoint(stage):
         seen.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
         return next(scores)
 
-    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None, checkpoint=checkpoint,
-                       checkpoints=4, adapter=str(tmp_path / "adapter"))
+    records = training.train(policy, pairs, reference, cfg, Stage("train", folder=str(tmp_path), t=1),
+                             select=checkpoint)
     assert [r["step"] for r in records if "heldout/accuracy" in r and "step" in r] == [2, 4, 6, 8]
     assert records[-1] == {"iteration": 1, "selected_step": 6, "heldout/accuracy": 0.5}
     now = [p for p in model.parameters() if p.requires_grad]
@@ -309,7 +325,7 @@ def test_train_keeps_the_best_checkpoint_ties_to_the_later(tmp_path):
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (119.6, "2 min 00 s"),
                                            (3601, "60 min 01 s")])
 def test_durations_round_before_they_split(seconds, text):
-    assert rundir.duration(seconds) == text
+    assert clock.duration(seconds) == text
 
 
 def test_the_estimate_of_the_time_left():
@@ -317,21 +333,21 @@ def test_the_estimate_of_the_time_left():
     work at the seconds per token measured so far (scoring a quarter of generating until a scoring stage ran)."""
     plan = {(0, "eval"): (100, 0), (1, "sample"): (300, 0), (1, "reference"): (0, 400), (1, "train"): (50, 1200),
             (1, "eval"): (100, 0), (2, "sample"): (300, 0)}
-    clock = rundir.Clock(plan, "iter ")
-    clock.finished((0, "eval"), 10.0)  # 0.1 s a generated token
-    assert clock.estimate() == pytest.approx(30 + 400 * 0.1 / 4 + (5 + 1200 * 0.1 / 4) + 10 + 30)
-    clock.finished((1, "sample"), 60.0)  # (10 + 60) / 400 s a generated token
-    clock.finished((1, "reference"), 20.0)  # 0.05 s a scored token
-    assert clock.estimate() == pytest.approx(50 * 70 / 400 + 1200 * 0.05 + 10 + 60)
-    clock.skip((1, "train"))  # read back by a resumed run: no time left to spend on it
-    assert clock.estimate() == pytest.approx(10 + 60)
+    estimate_clock = clock.Clock(plan, "iter ")
+    estimate_clock.finished((0, "eval"), 10.0)  # 0.1 s a generated token
+    assert estimate_clock.estimate() == pytest.approx(30 + 400 * 0.1 / 4 + (5 + 1200 * 0.1 / 4) + 10 + 30)
+    estimate_clock.finished((1, "sample"), 60.0)  # (10 + 60) / 400 s a generated token
+    estimate_clock.finished((1, "reference"), 20.0)  # 0.05 s a scored token
+    assert estimate_clock.estimate() == pytest.approx(50 * 70 / 400 + 1200 * 0.05 + 10 + 60)
+    estimate_clock.skip((1, "train"))  # read back by a resumed run: no time left to spend on it
+    assert estimate_clock.estimate() == pytest.approx(10 + 60)
 
 
 def test_the_sampler_reports_every_row_that_ends_once():
-    model, tokenizer = lm.tiny_random()
-    prompts = [lm.encode_prompt(tokenizer, p) for p in ("a", "bb", "ccc")]
+    model, tokenizer = models.tiny_random()
+    prompts = [models.encode_prompt(tokenizer, p) for p in ("a", "bb", "ccc")]
     ended, steps = [], []
-    rows = sampler.generate_ids(model, prompts, 2, 1.0, 9, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    rows = sampling.generate_ids(model, prompts, 2, 1.0, 9, tokenizer.eos_token_id, tokenizer.pad_token_id,
                            done=lambda tokens: len(tokens) >= 3,
                            progress=lambda step, n: (steps.append(step), ended.append(n)))
     assert sum(ended) == len(rows) == 6 and steps == list(range(1, len(steps) + 1))
@@ -348,10 +364,10 @@ def test_training_trains_the_loss_users_copy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "rpo_loss", spy)
     cfg = tiny_config(tmp_path)
-    model, tokenizer = lm.load_model(cfg)
+    policy = models.load_model(cfg)
     pairs = some_pairs(4)
-    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ref")
-    records = training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    reference = training.reference_logps(policy, pairs, cfg, Stage("ref"))
+    records = training.train(policy, pairs, reference, cfg, Stage("train", t=1))
     assert len(returned) == 4  # one call per micro-batch of 2 pairs, two steps
     assert records[0]["loss"] == pytest.approx(torch.cat(returned[:2]).mean().item(), abs=1e-6)
 
@@ -360,12 +376,12 @@ def test_the_forward_calls_warn_about_no_deprecated_argument():
     """transformers 5.24 renamed past_key_values to cache and warns at every forward that passes the old name."""
     import warnings
 
-    model, tokenizer = lm.tiny_random()
-    batch = lm.collate([lm.encode_pair(tokenizer, p, 512) for p in some_pairs(2)], tokenizer.pad_token_id)
+    model, tokenizer = models.tiny_random()
+    batch = training.collate([training.encode_pair(tokenizer, p, 512) for p in some_pairs(2)], tokenizer.pad_token_id)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        sampler.generate_ids(model, [[5, 6, 7], [5, 6, 8, 9]], 2, 0.8, 3, 2, 2)
-        lm.pair_logps(model, batch, share_prompt=True)
+        sampling.generate_ids(model, [[5, 6, 7], [5, 6, 8, 9]], 2, 0.8, 3, 2, 2)
+        training.pair_logps(model, batch, share_prompt=True)
 
 
 # --- maj@k --------------------------------------------------------------------------------------------------------
@@ -373,34 +389,32 @@ def test_the_forward_calls_warn_about_no_deprecated_argument():
 def test_majority_counts_equal_answers_whatever_their_order_and_form():
     import itertools
 
-    import data
-
     for votes in set(itertools.permutations(["3 + 4 = 7", "8", "8", "7", "x = 7"])):  # 7 has three votes, 8 two
-        assert data.answers_match(lm.majority(list(votes), "gsm8k"), "7", "gsm8k"), votes
-    assert lm.majority(["8", "3 + 4 = 7", "8", None, "7"], "gsm8k") == "8"  # a tie goes to the answer seen first
-    assert lm.majority([None, None], "gsm8k") is None
+        assert reward.answers_match(reward.majority(list(votes), "gsm8k"), "7", "gsm8k"), votes
+    assert reward.majority(["8", "3 + 4 = 7", "8", None, "7"], "gsm8k") == "8"  # a tie goes to the answer seen first
+    assert reward.majority([None, None], "gsm8k") is None
 
 
 def test_majority_groups_math_votes_with_the_runs_grader():
     pytest.importorskip("math_verify")
     votes = ["2(k+1)", "2k+3", "2k+2", "2k+3", "2(1+k)"]  # 2k+3 twice; 2k+2 three ways, equal only by algebra
-    assert lm.majority(votes, "math") == "2k+3"
-    assert lm.majority(votes, "math", grader="math-verify") == "2(k+1)"
+    assert reward.majority(votes, "math") == "2k+3"
+    assert reward.majority(votes, "math", grader="math-verify") == "2(k+1)"
 
 
 def test_evaluate_votes_with_the_runs_grader(monkeypatch):
     pytest.importorskip("math_verify")
     votes = ["2(k+1)", "2k+3", "2k+2", "2k+3", "2(1+k)"]
 
-    def sampled(model, tokenizer, prompts, n, *args, **kwargs):  # greedy: one answer; maj@5: the votes
+    def sampled(policy, prompts, keys, n, *args, **kwargs):  # greedy: one answer; maj@5: the votes
         return [[(f"So.\nFinal answer: {v}", False) for v in (votes if n > 1 else ["2k+3"])] for _ in prompts]
 
-    monkeypatch.setattr(lm, "generate", sampled)
-    _, tokenizer = lm.tiny_random()
+    monkeypatch.setattr(sampling, "generate", sampled)
+    _, tokenizer = models.tiny_random()
     example = {"id": "m", "task": "math", "question": "2k + 2 = ?", "answer": "2k+2", "solution": None}
     for grader, right in (("builtin", 0), ("math-verify", 1)):
-        task = lm.TaskConfig(task="math", eval_k=5, math_grader=grader)
-        result = lm.evaluate(None, tokenizer, task, [example], [], 0, "test")
+        task = rpo.Config(task="math", eval_k=5, math_grader=grader)
+        result = sampling.evaluate(Policy(None, tokenizer), task, [example], [], Stage("test", t=0))
         assert result["results"][0]["majority_correct"] == right and result["maj@5"] == right, grader
 
 
@@ -430,10 +444,11 @@ def test_qlora_samples_with_its_cache_in_the_compute_dtype(tmp_path, monkeypatch
     """4-bit NF4 with bf16 compute (bitsandbytes runs on a CPU too): keys and values are bf16, not the float32 that
     PEFT's prepare_model_for_kbit_training upcast gave; the logits, and so the log-probs, are float32."""
     pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(lm, "CACHE", str(tmp_path))
-    model, tokenizer = lm.load_model(tiny_config(tmp_path, load_in_4bit=True, dtype="bfloat16"))
+    monkeypatch.setattr(models, "CACHE", str(tmp_path))
+    policy = models.load_model(tiny_config(tmp_path, load_in_4bit=True, dtype="bfloat16"))
+    model, tokenizer = policy
     seen = cache_spy(monkeypatch)
-    lm.generate(model, tokenizer, ["Question: 1 + 1?", "Question: 2 + 2?"], 2, 0.8, 4, 4, "sample")
+    sample(policy, ["Question: 1 + 1?", "Question: 2 + 2?"], 2, 4, 4, "sample")
     assert seen["dtypes"] == {torch.bfloat16}
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     ids = torch.tensor([tokenizer("Final answer: 4")["input_ids"]])
@@ -443,15 +458,15 @@ def test_qlora_samples_with_its_cache_in_the_compute_dtype(tmp_path, monkeypatch
 def test_the_memory_plan_keeps_the_cache_within_the_budget_and_fills_it(monkeypatch):
     """A budget in bytes: the rows the plan picks hold at most that, the planned peak takes most of it (one row more
     would not fit), and the cache the run really holds is the planned cache."""
-    import memory
+    from machinery import memory
 
-    model, tokenizer = lm.tiny_random()
-    real = sampler.generate_ids  # no EOS, no answer line: every row runs to its end
-    monkeypatch.setattr(sampler, "generate_ids", lambda model, prompts, n, temperature, new, eos, *args, **kwargs:
+    model, tokenizer = models.tiny_random()
+    real = sampling.generate_ids  # no EOS, no answer line: every row runs to its end
+    monkeypatch.setattr(sampling, "generate_ids", lambda model, prompts, n, temperature, new, eos, *args, **kwargs:
                         real(model, prompts, n, temperature, new, -1, *args, **kwargs))
-    monkeypatch.setattr(sampler, "answer_done", lambda tokenizer, tokens: False)
+    monkeypatch.setattr(sampling, "answer_done", lambda tokenizer, tokens: False)
     prompts = [f"Question: what is {i} + {i}?" for i in range(16)]
-    longest = max(len(lm.encode_prompt(tokenizer, p)) for p in prompts)
+    longest = max(len(models.encode_prompt(tokenizer, p)) for p in prompts)
     costs, space = memory.costs(model), 1_000_000
     rows = memory.sampling_rows(costs, space, longest, 20, 4, 64)
     assert 4 < rows < 64
@@ -460,6 +475,6 @@ def test_the_memory_plan_keeps_the_cache_within_the_budget_and_fills_it(monkeypa
     assert memory.sampling_peak(costs, rows, longest, 20, 4) > 0.8 * space
     seen = cache_spy(monkeypatch)
     budget = (space + memory.resident(model)) / memory.GiB
-    lm.generate(model, tokenizer, prompts, 4, 0.8, 20, 64, "sample", memory_budget=budget)
+    sample(Policy(model, tokenizer), prompts, 4, 20, 64, "sample", budget)
     planned = rows * (longest + 20) * costs.cache_token
     assert 0.9 * planned <= seen["peak"] <= planned

@@ -1,18 +1,16 @@
 """How many rows a stage runs at once, from what a row costs on the model's own config and the memory the stage may
-use; and an out-of-memory error answered by halving the rows, never by ending the run.
+use (an out-of-memory error is answered by halving the rows: `resume.in_chunks`).
 
     costs(model)         bytes a row costs: its KV cache per token (every layer's keys and values), a decode step,
                          a token of a forward pass with or without gradients
     available(gib, m)    bytes a stage may still use: --memory-budget GiB (or, on a GPU, what it reports free less a
                          margin) less what is resident; None on a CPU without a budget (no plan: the caps alone)
     sampling_rows, scoring_rows   the most rows whose peak fits, at most the batch-size flag
-    in_chunks(...)       compute over consecutive chunks of rows; out of memory: half the rows, down to one
 
 The cache figures are exact arithmetic on the config (layers × 2 × key-value heads × head size × bytes of the
 compute dtype); the activations are estimates of the tensors one step holds at its peak. The guard catches what the
-estimates miss. Torch only, no model code: bench.py prints the plan of the 7B presets from a config alone.
+estimates miss. Torch only, no model code: tools/bench.py prints the plan of the 7B presets from a config alone.
 """
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,30 +131,3 @@ def plan_line(label: str, rows: int, cap: int, space: int | None, peak: int, wha
         return f"{label}: {rows} {what} at once (the batch-size cap; no memory plan on a CPU without --memory-budget)"
     return (f"{label}: {rows} {what} at once, planned peak {peak / GiB:.2f} of {space / GiB:.2f} GiB available"
             + (" (the batch-size cap)" if rows == cap else ""))
-
-
-def release() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def in_chunks(items: list, rows: int, compute: Callable[[list], None], label: str, what: str, flag: str) -> int:
-    """compute(chunk) for consecutive chunks of `items`, `rows` at a time, in order. An out-of-memory error frees
-    what the chunk held and retries it with half its rows, saying so in one line, down to one row; one row out of
-    memory ends the run with one line naming the flag to lower. What the chunks before computed is kept (`compute`
-    saves it). Returns the rows it ended with."""
-    start = 0
-    while start < len(items):
-        chunk = items[start:start + rows]
-        try:
-            compute(chunk)
-            start += len(chunk)
-            continue
-        except torch.OutOfMemoryError:
-            pass  # out of the except block first, so that the traceback's tensors are freed
-        release()
-        if len(chunk) == 1:
-            sys.exit(f"{label}: out of memory with one {what}; lower {flag}")
-        rows = len(chunk) // 2
-        print(f"{label}: out of memory at {len(chunk)} {what}s at once; going on with {rows}", file=sys.stderr)
-    return rows

@@ -1,14 +1,14 @@
 """Benchmarks of the two costs of the Iterative RPO loop: sampling and DPO training steps. Each prints a table with
 the machine, the versions and the commit. Speed and memory are measured here, never asserted in tests.
 
-    python bench.py sample                 # the loop's sampling stage vs plain model.generate (SmolLM2-135M)
-    python bench.py train                  # our DPO+NLL step vs TRL's DPOTrainer (pip install ".[bench]")
-    python bench.py reward                 # the reward on the published GSM8K, MATH-500 and ARC files
-    python bench.py plan                   # the memory plan of the 7B presets' stages, computed from the config
-    python bench.py memory                 # the plan against the KV cache a CPU run holds (SmolLM2)
-    python bench.py sampler                # issue 21's sampler candidates on this machine (SmolLM2)
-    python bench.py lm-eval                # lm-evaluation-harness' GSM8K scores beside ours, same model and questions
-    python bench_gpu.py                    # on a GPU: the 7B presets' stages under 24 and 12 GiB caps, measured
+    python tools/bench.py sample           # the loop's sampling stage vs plain model.generate (SmolLM2-135M)
+    python tools/bench.py train            # our DPO+NLL step vs TRL's DPOTrainer (pip install ".[bench]")
+    python tools/bench.py reward           # the reward on the published GSM8K, MATH-500 and ARC files
+    python tools/bench.py plan             # the memory plan of the 7B presets' stages, computed from the config
+    python tools/bench.py memory           # the plan against the KV cache a CPU run holds (SmolLM2)
+    python tools/bench.py sampler          # the sampler candidates (tools/samplers.py) on this machine (SmolLM2)
+    python tools/bench.py lm-eval          # lm-evaluation-harness' GSM8K scores beside ours, same model and questions
+    python tools/bench_gpu.py              # on a GPU: the 7B presets' stages under 24 and 12 GiB caps, measured
 
 Each comparison runs both sides in the same process, alternating, and reports the median and the ratio.
 """
@@ -25,18 +25,29 @@ import tempfile
 import time
 from fractions import Fraction
 
+from types import SimpleNamespace
+
 import torch
 
-import data
-import lm
-import memory
-import training
-from rundir import markdown_table
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project, one folder up
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import model as models  # noqa: E402
+import reward  # noqa: E402
+import rpo  # noqa: E402
+import sampling  # noqa: E402
+import training  # noqa: E402
+from machinery import memory  # noqa: E402
+from machinery.cli import parse_config  # noqa: E402
+from machinery.resume import Stage  # noqa: E402
+from machinery.results import markdown_table  # noqa: E402
+from tools import samplers  # noqa: E402
 
 
 def header(title: str) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or \
+                            cwd=ROOT).stdout.strip() or \
         os.environ.get("BENCH_COMMIT", "unknown")  # a copy of the tree without .git (a remote GPU) names it
     import transformers
 
@@ -49,20 +60,18 @@ def header(title: str) -> str:
 # =================================================================================================================
 
 def bench_sample(args) -> None:
-    """Tokens per second of the loop's sampling stage (`lm.generate`: one prefill per prompt shared by its
+    """Tokens per second of the loop's sampling stage (`sampling.generate`: one prefill per prompt shared by its
     samples, rows leave the batch at their answer line, inverse-CDF sampling) against plain `model.generate` with
     the same prompts, alternating; and the share of computed tokens that come after the final answer."""
-    cfg = lm.Config(model=args.model)
-    model, tokenizer = lm.load_model(cfg)
+    policy = models.load_model(rpo.Config(model=args.model))
+    model, tokenizer = policy
     examples = data.arith_problems(args.questions, "train", seed=1)
-    prompts = [lm.task_prompt(tokenizer, ex, []) for ex in examples]
+    prompts = [models.task_prompt(tokenizer, ex, []) for ex in examples]
     rows = []
     for batch in args.batch:
         ours, plain, waste_ours, waste_plain = [], [], [], []
         for _ in range(args.repeats):
-            stats = {}
-            lm.generate(model, tokenizer, prompts, batch // len(prompts) or 1, 0.8, args.new_tokens, batch,
-                         "ours", stats)
+            stats = timed_generate(policy, prompts, batch // len(prompts) or 1, args.new_tokens, batch, "ours")
             ours.append(stats["kept"] / stats["seconds"])
             waste_ours.append(max(0.0, 1 - stats["kept"] / stats["computed"]))  # re-tokenising may merge
             tok_s, waste = plain_generate(model, tokenizer, prompts, batch, args.new_tokens)
@@ -72,9 +81,30 @@ def bench_sample(args) -> None:
                      f"{statistics.median(ours) / statistics.median(plain):.2f}",
                      f"{100 * statistics.median(waste_plain):.0f}", f"{100 * statistics.median(waste_ours):.0f}"])
     print(header(f"Sampling, {args.model}, fp32, {args.new_tokens} new tokens, temperature 0.8"))
-    print(markdown_table(["batch", "plain generate tok/s", "lm.generate tok/s", "ratio",
+    print(markdown_table(["batch", "plain generate tok/s", "sampling.generate tok/s", "ratio",
                  "plain: % tokens after answer", "ours: % computed after answer"], rows))
     print("\ntok/s counts the tokens kept in completions (up to EOS or the end of the answer line).")
+
+
+def timed_generate(policy, prompts: list, n: int, new_tokens: int, rows: int, label: str, budget: float = 0.0) -> dict:
+    """`sampling.generate` at T = 0.8, timed: its seconds, the tokens the token loop computed (counted through a
+    wrapper around it) and the tokens kept in the completions (re-tokenised)."""
+    computed, real = [0], sampling.generate_ids
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        computed[0] += sum(map(len, out))
+        return out
+
+    cfg = SimpleNamespace(max_new_tokens=new_tokens, sample_batch_size=rows, memory_budget=budget)
+    sampling.generate_ids, start = counting, time.time()
+    try:
+        texts = sampling.generate(policy, prompts, list(range(len(prompts))), n, 0.8, cfg, Stage(label))
+    finally:
+        sampling.generate_ids = real
+    seconds = time.time() - start
+    kept = sum(len(policy.tokenizer(text, add_special_tokens=False)["input_ids"]) for outs in texts for text, _ in outs)
+    return {"seconds": seconds, "computed": computed[0], "kept": kept}
 
 
 def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int):
@@ -82,7 +112,7 @@ def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int)
     those up to the end of the answer line or EOS, the rest counts as after the answer."""
     from transformers import GenerationConfig
 
-    texts = [lm.prompt_text(tokenizer, prompts[i % len(prompts)]) for i in range(batch)]
+    texts = [models.prompt_text(tokenizer, prompts[i % len(prompts)]) for i in range(batch)]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
@@ -97,7 +127,7 @@ def plain_generate(model, tokenizer, prompts: list, batch: int, new_tokens: int)
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id) + 1]
         text = tokenizer.decode(row, skip_special_tokens=True)
-        end = data.completion_end(text)
+        end = reward.completion_end(text)
         kept += len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) if end else len(row)
     return kept / seconds, 1 - kept / out.numel()
 
@@ -161,8 +191,8 @@ def train_side(args) -> None:
     """One side of `bench_train`, in this (child) process: prints [seconds, peak RSS in MiB]."""
     pairs = demo_pairs(args.pairs)
     name = args.side.removesuffix(CHECKPOINTING)
-    cfg = lm.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5,
-                    gradient_checkpointing=args.side.endswith(CHECKPOINTING))
+    cfg = rpo.Config(model=args.model, batch_size=args.batch, grad_accum=1, lr=1e-5, epochs=1,
+                     gradient_checkpointing=args.side.endswith(CHECKPOINTING))
     seconds = ours_pass(cfg, pairs) if name == "ours" else \
         trl_pass(cfg, pairs, precompute=name == "TRL precomputed ref")
     import resource
@@ -171,10 +201,10 @@ def train_side(args) -> None:
 
 
 def ours_pass(cfg, pairs) -> float:
-    model, tokenizer = lm.load_model(cfg)
+    policy = models.load_model(cfg)
     start = time.time()
-    reference = training.reference_logps(model, tokenizer, pairs, cfg, "ours ref")
-    training.train(model, tokenizer, pairs, reference, cfg, 1, lambda r: None)
+    reference = training.reference_logps(policy, pairs, cfg, Stage("ours ref"))
+    training.train(policy, pairs, reference, cfg, Stage("ours train", t=1))
     return time.time() - start
 
 
@@ -185,9 +215,9 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
     from trl import DPOConfig, DPOTrainer
 
     if cfg.model == "tiny-random":
-        model, tokenizer = lm.tiny_random()
+        model, tokenizer = models.tiny_random()
     else:
-        path = lm.embedded_smollm2() if cfg.model == "smollm2-135m" else cfg.model
+        path = models.embedded_smollm2() if cfg.model == models.EMBEDDED else cfg.model
         model, tokenizer = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                             AutoTokenizer.from_pretrained(path))
     with tempfile.TemporaryDirectory() as out:
@@ -209,7 +239,7 @@ def trl_pass(cfg, pairs, precompute: bool) -> float:
 
 # =================================================================================================================
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+DATA = os.path.join(ROOT, "..", "shared", "data")
 PUBLISHED = {"gsm8k": "gsm8k/test.jsonl", "math": "math/test.jsonl", "arc": "arc/ARC-Challenge-Test.jsonl"}
 
 
@@ -267,7 +297,7 @@ def wrong_answers(gold: str, task: str, example: dict) -> list:
         others = [label for label in labels if label != gold]
         return out + others + [text for label, text in example["choices"] if label != gold and
                                text.strip(" .") not in labels] + remarks(min(others), task, gold)
-    value = data._math_value(data.normalize_math(gold)) if task == "math" else Fraction(gold)
+    value = reward._math_value(reward.normalize_math(gold)) if task == "math" else Fraction(gold)
     if value is not None:
         out += [str(value + 1), str(-value) if value else "1", str(value + Fraction(1, 3))]
         out += remarks(str(value + 1), task, gold)  # a wrong value whose remark names the gold
@@ -288,7 +318,7 @@ def reward_counts(task: str, path: str) -> dict:
     wrong = [(f"So we are done.\nFinal answer: {w}", ex) for ex in examples
              for w in wrong_answers(ex["answer"], task, ex)]
     start = time.perf_counter()
-    rewarded = [data.judge(c, ex["answer"], task, ex.get("choices"))[1] for c, ex in right + wrong]
+    rewarded = [reward.judge(c, ex["answer"], task, ex.get("choices"))[1] for c, ex in right + wrong]
     seconds = (time.perf_counter() - start) / len(rewarded)
     theirs = math_verify_counts(right, wrong) if task == "math" else None
     return {"rows": len(examples), "published": len(published), "math_verify": theirs,
@@ -300,11 +330,11 @@ def reward_counts(task: str, path: str) -> dict:
 
 def math_verify_counts(right: list, wrong: list) -> dict | None:
     """Hugging Face's math-verify (the grader TRL and open-r1 use) alone, as `--math-grader math-verify` calls it
-    (`data.math_verify_equal`), on the same rewrites and wrong answers; None where it is not installed."""
+    (`reward.math_verify_equal`), on the same rewrites and wrong answers; None where it is not installed."""
     if importlib.util.find_spec("math_verify") is None:
         return None
     start = time.perf_counter()
-    verdicts = [data.math_verify_equal(c.split("Final answer:", 1)[1], ex["answer"]) for c, ex in right + wrong]
+    verdicts = [reward.math_verify_equal(c.split("Final answer:", 1)[1], ex["answer"]) for c, ex in right + wrong]
     return {"missed": [c for (c, _), v in zip(right, verdicts) if not v],
             "fooled": [c for (c, _), v in zip(wrong, verdicts[len(right):]) if v],
             "seconds_per_call": (time.perf_counter() - start) / len(verdicts)}
@@ -336,14 +366,14 @@ def bench_reward(args) -> None:
     for name, completion in hostile.items():
         start = time.perf_counter()
         for task in ("gsm8k", "math", "arc"):
-            data.judge(completion, "1", task, [("A", "x"), ("B", "y")] if task == "arc" else None)
+            reward.judge(completion, "1", task, [("A", "x"), ("B", "y")] if task == "arc" else None)
         rows.append(["hostile", name, "-", "-", "-", "-", f"{1e6 * (time.perf_counter() - start) / 3:.0f}"])
         if importlib.util.find_spec("math_verify"):
             start = time.perf_counter()
-            data.judge(completion, "1", "math", grader="math-verify")
+            reward.judge(completion, "1", "math", grader="math-verify")
             rows.append(["hostile, math with math-verify", name, "-", "-", "-", "-",
                          f"{1e6 * (time.perf_counter() - start):.0f}"])
-    print(header("The reward (data.judge) on the published data sets"))
+    print(header("The reward (reward.judge) on the published data sets"))
     print(markdown_table(["task", "file", "rows loaded", "golds equal to the published answer",
                          "equivalent rewrites rewarded", "wrong answers rewarded", "µs per call"], rows))
 
@@ -361,7 +391,7 @@ def llama2_7b_config():
 
 def qlora_resident(config, lora_r: int) -> int:
     """Bytes a QLoRA model of this config holds, computed: NF4 linear weights with double-quantised absmax
-    (0.5 + 1/64 + 4/(64·256) bytes a weight), bf16 embeddings and norms, the float32 head (`lm.float32_head`), and
+    (0.5 + 1/64 + 4/(64·256) bytes a weight), bf16 embeddings and norms, the float32 head (`model.float32_head`), and
     float32 LoRA A and B matrices on every linear layer."""
     hidden, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, \
         config.vocab_size
@@ -374,16 +404,13 @@ def qlora_resident(config, lora_r: int) -> int:
         (2 * layers + 1) * hidden * 2
 
 
-# The longest prompt of each task in Llama-2 tokens, with the chat template: the figures issue 20 gives (GSM8K and ARC
-# 115-165 tokens, MATH's 4-shot prompt 1,000-1,600). Not measured here: Llama-2's tokenizer cannot be downloaded.
+# The longest prompt of each task in Llama-2 tokens, with the chat template, as counted elsewhere with Llama-2's
+# tokenizer (GSM8K and ARC 115-165 tokens, MATH's 4-shot prompt 1,000-1,600); it cannot be downloaded here.
 LONGEST_PROMPT = {"gsm8k": 165, "arc": 165, "math": 1600}
 
 
 def preset_stages(name: str) -> list:
     """(stage, kind, rows per prompt or None, prompt tokens, new or response tokens, cap) of a preset's stages."""
-    import rpo
-    from rundir import parse_config
-
     cfg = parse_config(rpo.Config, ["--preset", name], rpo.PRESETS)
     prompt, new = LONGEST_PROMPT[cfg.task], cfg.max_new_tokens
     response = min(new + 1, cfg.max_length - prompt)  # a pair over --max-length tokens is dropped
@@ -449,9 +476,10 @@ def bench_memory(args) -> None:
 
     from transformers.cache_utils import DynamicLayer
 
-    model, tokenizer = lm.load_model(lm.Config(model=args.model))
-    prompts = [lm.task_prompt(tokenizer, ex, []) for ex in data.arith_problems(args.questions, "train", seed=1)]
-    longest = max(len(lm.encode_prompt(tokenizer, p)) for p in prompts)
+    policy = models.load_model(rpo.Config(model=args.model))
+    model, tokenizer = policy
+    prompts = [models.task_prompt(tokenizer, ex, []) for ex in data.arith_problems(args.questions, "train", seed=1)]
+    longest = max(len(models.encode_prompt(tokenizer, p)) for p in prompts)
     costs, layers, peak_cache = memory.costs(model), weakref.WeakKeyDictionary(), [0]
     real = DynamicLayer.update
 
@@ -462,15 +490,13 @@ def bench_memory(args) -> None:
         return out
 
     DynamicLayer.update = update
-    lm.generate(model, tokenizer, prompts[:2], 8, 0.8, 8, args.cap, "warm-up")  # first-call allocations, not counted
+    timed_generate(policy, prompts[:2], 8, 8, args.cap, "warm-up")  # first-call allocations, not counted
     resident, rows = memory.resident(model), []
     for budget in args.budgets:
         space = int(budget * memory.GiB) - resident
         planned = memory.sampling_rows(costs, space, longest, args.new_tokens, 8, args.cap)
         peak_cache[0], before = 0, rss_reset()
-        stats = {}
-        lm.generate(model, tokenizer, prompts, 8, 0.8, args.new_tokens, args.cap, f"budget {budget}", stats,
-                    memory_budget=budget)
+        stats = timed_generate(policy, prompts, 8, args.new_tokens, args.cap, f"budget {budget}", budget)
         grown = rss_peak() - before
         rows.append([f"{budget:g}", f"{space / 2**20:.0f}", planned,
                      f"{memory.sampling_peak(costs, planned, longest, args.new_tokens, 8) / 2**20:.0f}",
@@ -485,14 +511,12 @@ def bench_memory(args) -> None:
 
 
 def bench_sampler(args) -> None:
-    """Issue 21's sampler candidates on this machine (`bench_gpu.run_sampler`): the same rows through each, forced to
-    their full length, alternating candidates within one process."""
-    import bench_gpu
-
-    model, _ = lm.load_model(lm.Config(model=args.model))
+    """The sampler candidates on this machine (`samplers.run_sampler`): the same rows through each, forced to their
+    full length, alternating candidates within one process."""
+    model = models.load_model(rpo.Config(model=args.model)).model
     rows = []
     for _ in range(args.repeats):
-        rows += bench_gpu.run_sampler(model, args.rows, args.prompt, args.steps, model.config.vocab_size, 0.0)
+        rows += samplers.run_sampler(model, args.rows, args.prompt, args.steps, model.config.vocab_size, 0.0)
     print(header(f"Sampler candidates, {args.model}, random prompts of {args.prompt} tokens, {args.steps} tokens a "
                  f"row, T = 0.8, no row stopping; {args.repeats} rounds"))
     print(markdown_table(["candidate", "rows", "tokens/s", "ms a step", "peak GiB", "share of the bandwidth floor",
@@ -502,7 +526,7 @@ def bench_sampler(args) -> None:
 def bench_lm_eval(args) -> None:
     """lm-evaluation-harness' GSM8K scores beside ours on the same model and the same test questions: its stock
     `gsm8k` task (5-shot "Question: … Answer:", answers ending "#### n", strict-match and flexible-extract) read
-    from the published files here instead of the hub, and `lm.evaluate` (the paper's zero-shot prompt in the chat
+    from the published files here instead of the hub, and `sampling.evaluate` (the paper's zero-shot prompt in the chat
     template, the "Final answer:" line as strict-match, lm-evaluation-harness' rule as flexible-extract)."""
     import lm_eval
     import yaml
@@ -514,7 +538,7 @@ def bench_lm_eval(args) -> None:
     task.update(task="gsm8k_local", dataset_path="json", dataset_kwargs={"data_files": {"train": train, "test": test}})
     task.pop("dataset_name", None)
     task.pop("tag", None)
-    model_path = lm.embedded_smollm2() if args.model == "smollm2-135m" else args.model
+    model_path = models.embedded_smollm2() if args.model == models.EMBEDDED else args.model
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "gsm8k_local.yaml"), "w") as f:
             yaml.safe_dump(task, f)
@@ -524,17 +548,17 @@ def bench_lm_eval(args) -> None:
                                           batch_size=args.batch, device="cpu", task_manager=TaskManager(
                                               include_path=folder))["results"]["gsm8k_local"]
         theirs_seconds = time.time() - start
-    model, tokenizer = lm.load_model(lm.Config(model=args.model))
+    cfg = rpo.Config(model=args.model, task="gsm8k", max_new_tokens=args.new_tokens, sample_batch_size=args.batch)
+    policy = models.load_model(cfg)
     if args.adapter:
-        lm.load_adapter(model, args.adapter)
+        policy.load(args.adapter)
     start = time.time()
-    ours = lm.evaluate(model, tokenizer, lm.TaskConfig(task="gsm8k", max_new_tokens=args.new_tokens,
-                                                       sample_batch_size=args.batch),
-                       data.load_examples("gsm8k", test)[:args.limit], [], 0, "ours")
+    ours = sampling.evaluate(policy, cfg, data.load_examples("gsm8k", test)[:args.limit], [], Stage("ours", t=0))
     rows = [["lm-evaluation-harness " + lm_eval.__version__ + ", task gsm8k (v3) on the local files",
              "5-shot, Question: … Answer:, until \"Question:\"", f"{100 * results['exact_match,strict-match']:.1f}",
              f"{100 * results['exact_match,flexible-extract']:.1f}", f"{theirs_seconds:.0f}"],
-            ["ours, lm.evaluate", f"0-shot, the paper's prompt in the chat template, up to {args.new_tokens} tokens",
+            ["ours, sampling.evaluate",
+             f"0-shot, the paper's prompt in the chat template, up to {args.new_tokens} tokens",
              f"{100 * ours['strict-match']:.1f}", f"{100 * ours['flexible-extract']:.1f}",
              f"{time.time() - start:.0f}"]]
     print(header(f"GSM8K test, the first {args.limit} questions, {args.model}" +
@@ -588,7 +612,7 @@ def main(argv=None) -> None:
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--cap", type=int, default=128)
-    p = sub.add_parser("sampler", help="issue 21's sampler candidates, forced to their full length")
+    p = sub.add_parser("sampler", help="the sampler candidates (tools/samplers.py), forced to their full length")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", type=int, nargs="+", default=[32, 128])
     p.add_argument("--prompt", type=int, default=165, help="tokens of each (random) prompt")

@@ -1,7 +1,7 @@
 """Plots of rpo.py and sdpo.py run directories, from their metrics.jsonl and eval.json files (pip install ".[plot]").
 
-    python plot.py runs/demo runs/sdpo-demo --out plots
-    python plot.py --together runs/a runs/b --first 1 --out plots/a-vs-b.png
+    python tools/plot.py runs/demo runs/sdpo-demo --out plots
+    python tools/plot.py --together runs/a runs/b --first 1 --out plots/a-vs-b.png
 
 For each run directory: test accuracy per iteration or step (the papers' tables), and the log-probabilities of
 chosen and rejected responses over training steps (arXiv 2404.19733v3, Fig. 3); for sDPO runs also the held-out
@@ -12,12 +12,14 @@ training steps; --first N keeps iterations 1 … N. It also prints a table of th
 run's own M_0 on the same test questions, the questions gained and lost and an exact sign test.
 """
 import argparse
-import glob
 import json
 import os
 import sys
 
-from rundir import atomic, flips, markdown_table, read
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project, one folder up
+
+from machinery.files import atomic, read  # noqa: E402
+from machinery.results import index_of, markdown_table, run_rows, versus  # noqa: E402
 
 
 def read_run(folder: str):
@@ -36,10 +38,6 @@ def pyplot():
 def save(fig, path: str) -> None:
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-
-
-def index_of(folder_name: str) -> int:
-    return int(folder_name.split("_")[1])  # iter_3 → 3, step_2 → 2
 
 
 def step_axis(steps: list) -> list:
@@ -175,17 +173,13 @@ def changes_table(folders: list, first: int = 0) -> str:
     rows = []
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        paths = sorted(glob.glob(os.path.join(folder, "*_[0-9]*", "eval.json")),
-                       key=lambda p: index_of(os.path.basename(os.path.dirname(p))))
-        evals = [read(p) for p in paths]
-        for path, e in zip(paths, evals):
-            t = index_of(os.path.basename(os.path.dirname(path)))
-            if (first and t > first) or "results" not in e:  # sDPO on pairs with no task: no test accuracy
+        for row in run_rows(folder, first or None):
+            e = row["eval"]
+            if "results" not in e:  # sDPO on pairs with no task: no test accuracy
                 continue
             maj = next((f"{100 * v:.1f}" for k, v in e.items() if k.startswith("maj@")), "-")
-            versus = ["-", "-"] if t == 0 else ["{} / {} (p = {:.2g})".format(*flips(before, e))
-                                               for before in (evals[0], evals[t - 1])]
-            rows.append([name, t, len(e["results"]), f"{100 * e['accuracy']:.1f}", maj] + versus)
+            rows.append([name, row["t"], len(e["results"]), f"{100 * e['accuracy']:.1f}", maj,
+                         versus(row["versus_m0"]), versus(row["versus_before"])])
     return markdown_table(["run", "iteration/step", "test n", "greedy %", "maj %", "vs M_0: gained / lost (sign "
                            "test)", "vs the one before"], rows)
 

@@ -13,7 +13,7 @@ A launcher starts the processes (`accelerate launch` on GPUs, `torchrun` on CPUs
 --num_processes P` starts one process) and Accelerate joins their process group (NCCL on GPUs, gloo on CPUs); this
 module only asks it where it is. A plain `python rpo.py` never imports accelerate: one process, and
 every function here is trivial. The main process alone writes the run's files (`rundir.RunDir`) and prints; each
-process keeps its own finished parts of a running stage (`rundir.Parts`); the others are silent but for their
+process keeps its own finished parts of a running stage (`resume.Parts`); the others are silent but for their
 errors.
 """
 import os

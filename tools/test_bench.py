@@ -4,7 +4,7 @@ import os
 import pytest
 from conftest import DATA
 
-import bench
+from tools import bench
 
 
 def test_sample_benchmark_runs(capsys):
@@ -60,7 +60,7 @@ def test_memory_benchmark_runs(capsys):
 
 def test_the_gpu_script_runs_on_a_cpu_at_a_tiny_size(capsys):
     """The script a GPU lease runs, checked here: every stage of both presets, under two caps."""
-    import bench_gpu
+    from tools import bench_gpu
 
     bench_gpu.main(["--shape", "tiny", "--caps", "0.02", "--margin", "0", "--steps", "2"])
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """A run directory as one HTML page a person opens in a browser: no server, no network, nothing beside it.
 
-    python report.py runs/demo                     # writes runs/demo/report.html
-    python report.py runs/demo runs/sdpo-demo --pairs 30
+    python tools/report.py runs/demo               # writes runs/demo/report.html
+    python tools/report.py runs/demo runs/sdpo-demo --pairs 30
 
 The page holds the run's table (per iteration or step: pairs, checkpoint, test accuracy and the test questions
 gained and lost against M_0 and the iteration before, with the exact sign test), its plots (`plot.py`, embedded;
@@ -11,15 +11,17 @@ gold one highlighted, a loser cut off at the token limit marked. Standard librar
 """
 import argparse
 import base64
-import glob
 import html
 import os
 import random
 import sys
 import tempfile
 
-import data
-from rundir import atomic, flips, read
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project, one folder up
+
+import reward  # noqa: E402
+from machinery.files import atomic, read  # noqa: E402
+from machinery.results import folders, run_rows, versus  # noqa: E402
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -43,36 +45,24 @@ def cell(value, percent: bool = False) -> str:
     return f"{100 * value:.1f}" if percent else html.escape(str(value))
 
 
-def versus(first: dict, before: dict, now: dict) -> list:
-    """Gained / lost (sign test) of `now` against M_0 and against the evaluation before it."""
-    return ["{} / {} (p = {:.2g})".format(*flips(e, now)) for e in (first, before)]
-
-
 def summary(folder: str, config: dict) -> tuple:
-    """(header cells, rows) of the run's table, from its files."""
-    prefix = "step" if config.get("script") == "sdpo.py" else "iter"
-    paths = sorted(glob.glob(os.path.join(folder, f"{prefix}_[0-9]*", "eval.json")),
-                   key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[1]))
-    evals = [read(p) for p in paths]
+    """(header cells, rows) of the run's table, from its rows (`results.run_rows`)."""
     rows = []
-    for t, e in enumerate(evals):
-        here = os.path.dirname(paths[t])
-        stats = read(os.path.join(here, "stats.json")) if t and os.path.exists(os.path.join(here, "stats.json")) else {}
-        tasked = "results" in e and "results" in evals[0]
-        gains = versus(evals[0], evals[t - 1], e) if t and tasked else ["-", "-"]
-        if prefix == "step":  # sDPO: the bar each step must beat, and M_t on the held-out pairs
+    for row in run_rows(folder):
+        t, stats, e = row["t"], row["stats"], row["eval"]
+        gains = [html.escape(versus(row["versus_m0"])), html.escape(versus(row["versus_before"]))]
+        if config.get("script") == "sdpo.py":  # sDPO: the bar each step must beat, and M_t on the held-out pairs
             rows.append([t, cell(stats.get("pairs")), cell(round(stats["gamma_ref_mean"], 2)) if stats else "-",
                          cell(round(e["heldout/gamma_mean"], 2)), cell(e["heldout/preference_accuracy"], True),
                          cell(e.get("accuracy"), True)] + gains)
             continue
-        log = read(os.path.join(here, "train_log.jsonl")) if t else []
-        chosen = next((r for r in log if "selected_step" in r), None)
+        chosen = row["checkpoint"]
         rows.append([t, cell(stats.get("questions_with_pairs")), cell(stats.get("pairs")),
                      cell(stats.get("train_accuracy"), True),
                      f"step {chosen['selected_step']} ({100 * chosen['heldout/accuracy']:.1f})" if chosen else "-",
                      cell(e["accuracy"], True), cell(e.get("flexible-extract"), True),
                      cell(next((v for k, v in e.items() if k.startswith("maj@")), None), True)] + gains)
-    if prefix == "step":
+    if config.get("script") == "sdpo.py":
         head = ["step", "pairs", "mean γ_ref (its chunk)", "held-out mean γ", "held-out pref. acc %", "test acc %"]
     else:
         head = ["iteration", "questions w/ pairs", "pairs", "train-sample acc %", "checkpoint (held-out acc %)",
@@ -91,7 +81,7 @@ def plots(folder: str) -> str:
         import matplotlib  # noqa: F401
     except ImportError:
         return '<p class="note">No plots: pip install ".[plot]" (matplotlib).</p>'
-    import plot
+    from tools import plot
 
     with tempfile.TemporaryDirectory() as tmp:
         images = []
@@ -103,8 +93,8 @@ def plots(folder: str) -> str:
 
 def marked(text: str, task: str | None) -> str:
     """The response, escaped, its extracted final answer highlighted (the "Final answer:" line where there is one)."""
-    answer = data.extract_answer(text, task) if task in data.TASKS else None
-    final = data.FINAL_RE.search(text)
+    answer = reward.extract_answer(text, task) if task in reward.TASKS else None
+    final = reward.FINAL_RE.search(text)
     at = -1 if not answer else text.find(answer, final.end()) if final else text.rfind(answer)
     if at < 0:
         return html.escape(text)
@@ -128,11 +118,13 @@ def pair_view(pair: dict, number: int) -> str:
             f'<div class="side rejected"><b>rejected</b>{cut}\n{marked(pair["rejected"], task)}</div></div></details>')
 
 
-def pairs_section(folder: str, prefix: str, sample: int, seed: int) -> str:
+def pairs_section(folder: str, sample: int, seed: int) -> str:
     """Per iteration (step), a seeded random sample of its pairs, in their order."""
     parts = []
-    for path in sorted(glob.glob(os.path.join(folder, f"{prefix}_[0-9]*", "pairs.jsonl")),
-                       key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[1])):
+    for _, here in folders(folder):
+        path = os.path.join(here, "pairs.jsonl")
+        if not os.path.exists(path):
+            continue
         pairs = read(path)
         chosen = sorted(random.Random(f"{seed}-report-{path}").sample(range(len(pairs)), min(sample, len(pairs))))
         t = os.path.basename(os.path.dirname(path))
@@ -144,7 +136,6 @@ def pairs_section(folder: str, prefix: str, sample: int, seed: int) -> str:
 def report(folder: str, sample: int = 20) -> str:
     """The page of a run directory, written to `folder/report.html`; returns its path."""
     config = read(os.path.join(folder, "config.json"))
-    prefix = "step" if config.get("script") == "sdpo.py" else "iter"
     name = os.path.basename(os.path.normpath(folder))
     head, rows = summary(folder, config)
     settings = ", ".join(f"{k} {config[k]}" for k in ("model", "task", "iterations", "steps", "samples_per_question",
@@ -155,7 +146,7 @@ def report(folder: str, sample: int = 20) -> str:
             f"</h1><p class='note'>{html.escape(settings)}</p>{table(head, rows)}"
             "<p class='note'>gained / lost: the test questions answered right that the model compared with got wrong, "
             "and the reverse; p: the exact sign test on them.</p>"
-            f"{plots(folder)}{pairs_section(folder, prefix, sample, config.get('seed', 0))}</body></html>")
+            f"{plots(folder)}{pairs_section(folder, sample, config.get('seed', 0))}</body></html>")
     path = os.path.join(folder, "report.html")
     with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(page)

@@ -4,6 +4,7 @@
 # plots. Every command resumes after its last finished stage: run the script again after a stop. Each part's wall
 # time is appended to $OUT/times.txt with the commit and the machine. About 2 hours on 2 CPU cores.
 set -euo pipefail
+cd "$(dirname "$0")/.."  # the project's root: rpo.py and sdpo.py are there
 OUT=${OUT:-runs/repro}
 PLOTS=${PLOTS:-plots/repro}
 MODEL=${MODEL:-smollm2-135m}  # tiny-random: a quick check that the script runs through
@@ -51,7 +52,7 @@ part rpo-seed1 python rpo.py "${TASK[@]}" --iterations 2 --seed 1 --out "$OUT/rp
 part rpo-seed2 python rpo.py "${TASK[@]}" --iterations 2 --seed 2 --out "$OUT/rpo-seed2"
 
 # 7. The plots and tables, from the run directories alone
-python plot.py "$OUT"/rpo-seed{0,1,2} "$OUT"/sdpo-given "$OUT"/sdpo-random "$OUT"/dpo-at-once --out "$PLOTS"
-python plot.py --together "$OUT"/rpo-seed{0,1,2} "$OUT"/star "$OUT"/rpo-2x-data --out "$PLOTS/table1.png"
-python plot.py --together "$OUT"/rpo-long "$OUT"/dpo-long --out "$PLOTS/fig3.png"
-python plot.py --together "$OUT"/sdpo-given "$OUT"/sdpo-random "$OUT"/dpo-at-once --out "$PLOTS/sdpo-table2.png"
+python tools/plot.py "$OUT"/rpo-seed{0,1,2} "$OUT"/sdpo-given "$OUT"/sdpo-random "$OUT"/dpo-at-once --out "$PLOTS"
+python tools/plot.py --together "$OUT"/rpo-seed{0,1,2} "$OUT"/star "$OUT"/rpo-2x-data --out "$PLOTS/table1.png"
+python tools/plot.py --together "$OUT"/rpo-long "$OUT"/dpo-long --out "$PLOTS/fig3.png"
+python tools/plot.py --together "$OUT"/sdpo-given "$OUT"/sdpo-random "$OUT"/dpo-at-once --out "$PLOTS/sdpo-table2.png"

@@ -6,6 +6,7 @@
                             over all iterations, a stage's figures (stats, eval) at the step where it finished (an
                             iteration without an optimizer step logs its figures at the step of the one before)
     .table(key, name, rows) a bounded sample of completions or pairs, once per key
+    .stage_table(...)       after a stage of samples.jsonl or pairs.jsonl: a seeded sample of it as such a table
 
 Every tracker is an optional extra, imported only when asked for: tensorboard (`torch.utils.tensorboard`, pip install
 tensorboard), trackio (Hugging Face's, local by default), wandb (offline with WANDB_MODE=offline). What was logged is
@@ -15,20 +16,37 @@ never logs a record twice. Only the main process logs.
 import importlib.util
 import json
 import os
+import random
 import uuid
 
-import data
-import dist
+from machinery import dist
+from machinery.cli import DataError
+from machinery.files import write_atomic
 
 REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 PACKAGE = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
+def prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+# The stages shown as tables: a sample of an iteration's completions, and of its pairs, as the trackers show them.
+TABLES = {
+    "samples.jsonl": ("completions", lambda s: {"prompt": prompt_text(s["prompt"]), "completion": s["completion"],
+                                                "extracted": s["extracted"], "reward": s["reward"],
+                                                "cut off": s["truncated"]}),
+    "pairs.jsonl": ("pairs", lambda p: {"prompt": prompt_text(p["prompt"]), "chosen": p["chosen"],
+                                        "rejected": p["rejected"], "gold": p.get("answer"),
+                                        "rejected cut off": p.get("rejected_truncated", False)}),
+}
 
 
 def check(names: list) -> None:
     """DataError, before any work, for a tracker that is not installed."""
     for name in names:
         if name != "none" and importlib.util.find_spec(PACKAGE[name]) is None:
-            raise data.DataError(f"--report-to {name} needs its package: pip install {PACKAGE[name]}")
+            raise DataError(f"--report-to {name} needs its package: pip install {PACKAGE[name]}")
 
 
 def scalars(record: dict) -> dict:
@@ -139,9 +157,15 @@ class Trackers:
         self.state["tables"].append(key)
         self.save()
 
-    def save(self) -> None:
-        from rundir import write_atomic
+    def stage_table(self, folder: str, name: str, value, seed: int, rows: int = 16) -> None:
+        """A seeded sample of a finished stage's records as a table, when the stage is one of `TABLES`."""
+        if not self.names or name not in TABLES or not isinstance(value, list):
+            return
+        kind, row = TABLES[name]
+        pick = random.Random(f"{seed}-show-{folder}-{kind}")
+        self.table(f"{folder}/{kind}", f"{kind}/{folder}", [row(r) for r in pick.sample(value, min(rows, len(value)))])
 
+    def save(self) -> None:
         write_atomic(self.path, json.dumps(self.state, indent=1) + "\n")
 
     def close(self) -> None:

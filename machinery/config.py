@@ -1,0 +1,34 @@
+"""A config field with its --help text, and the fields of a run that are no hyperparameter of either paper.
+
+Each module declares the fields it reads, each default written once: `data.TaskConfig` (the task),
+`sampling.SamplingConfig` (sampling and evaluation), `training.TrainConfig` (the optimisation), `model.ModelConfig`
+(the model and its adapter), `RunConfig` below (seed, memory, trackers); each script's `Config` joins them and adds
+its own, with the paper's values.
+"""
+from dataclasses import dataclass, field
+
+from machinery.trackers import REPORT_TO
+
+# Settings of speed (and of where metrics also go) alone: no sample, score or step depends on them, so a run may
+# resume with other values.
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "report_to"}
+
+
+def arg(default, help: str, **metadata):
+    """A config field with its --help text (the paper's value in brackets), for `transformers.HfArgumentParser`;
+    metadata: `min`, `above`, `max`, `below`, `min_items` (its valid range), `choices`, `aliases` (other flags)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class RunConfig:
+    """What a run needs that no paper gives: its seed, the memory it may use, where its metrics also go."""
+    memory_budget: float = arg(0.0, "GiB this process may hold on its device (weights included): each stage plans "
+                               "its rows from it, the batch-size flags as upper bounds; 0 = on a GPU what it reports "
+                               "free less 1 GiB, on a CPU no plan", min=0)
+    seed: int = arg(0, "seed of data, sampling, LoRA init and shuffling")
+    report_to: list[str] = arg(["none"], "trackers the metrics also go to (TRL's flag): none, tensorboard, trackio, "
+                               "wandb, several allowed; each is its own package (pip install tensorboard, trackio, "
+                               "wandb)", choices=REPORT_TO, min_items=1)

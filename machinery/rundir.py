@@ -1,0 +1,169 @@
+"""The run directory of rpo.py or sdpo.py: its config, its stages, its metrics.
+
+    RunDir.stage   a finished stage's output is read back, a missing one computed (given its `Stage`), seeded and
+                   written atomically: the same command resumes a stopped run
+    config.json    a resumed run must have the same config, but for the number of iterations and speed settings
+    metrics.jsonl  rebuilt from the finished stages, so a stopped stage's records are never counted twice
+"""
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+from machinery import dist, trackers
+from machinery.cli import RETIRED
+from machinery.clock import Clock
+from machinery.config import SPEED
+from machinery.files import read, seed_everything, write, write_atomic
+from machinery.resume import Parts, Stage
+from machinery.results import folders
+
+
+def config_diff(have: dict, want: dict, ignore=()) -> list:
+    """'key (value there, value here)' for every key on which two configs differ."""
+    return [f"{k} ({have.get(k)!r} there, {want.get(k)!r} here)" for k in sorted(set(have) | set(want))
+            if k not in ignore and have.get(k) != want.get(k)]
+
+
+PARTS = ".parts"
+# What a stage's progress lines call it, by its file.
+LABELS = {"samples.jsonl": "sample", "eval.json": "eval", "reference.jsonl": "reference", "train_log.jsonl": "train",
+          "heldout_logps.jsonl": "held-out log-probs", "pool_logps.jsonl": "γ_ref of the pool"}
+
+
+class RunDir:
+    """The run directory `cfg.out`: config.json, metrics.jsonl, and one folder per iteration or step, `{prefix}_t`."""
+
+    def __init__(self, cfg, script: str, prefix: str, grows: tuple = ()):
+        """Checks the directory; writes nothing until the first stage starts its work (`claim`), so that a run that
+        fails on its input leaves nothing behind. A directory whose config.json is from a start that failed before
+        any stage began holds nothing to protect: the new config replaces it. The fields in `grows` (the number of
+        iterations) and the speed settings (`SPEED`) may differ from the run's: it continues with them, and its
+        config.json is written anew."""
+        trackers.check(cfg.report_to)  # a tracker that is not installed: one line, before any work
+        self.out, self.seed, self.prefix, self.claimed = cfg.out, cfg.seed, prefix, False
+        self.clock, self.records = Clock({}, f"{prefix} "), []
+        # The directory's own path is not part of its config: a moved run directory still resumes.
+        self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
+        path = os.path.join(self.out, "config.json")
+        if os.path.exists(path):
+            have = read(path)
+            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}  # finished parts count
+            if have.get("script") != script and finished:
+                sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
+                         "--out")
+            differs = config_diff(have, self.config, set(grows) | SPEED | RETIRED)
+            if differs and finished:
+                sys.exit(f"{path}: this run directory holds a run with another config ({', '.join(differs)}); use "
+                         "another --out, or delete the directory to start over")
+            self.claimed = have == self.config
+        elif os.path.isdir(self.out) and os.listdir(self.out):
+            sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
+        self.trackers = trackers.Trackers(cfg.report_to, self.out, self.config)
+        if os.path.exists(path) and finished and dist.is_main():
+            self.rebuild_metrics()
+
+    def expect(self, plan: dict) -> None:
+        """The run's stages, {(t, last file name): (generated tokens, scored tokens)} roughly, in order: after each
+        stage, a line with the time so far and an estimate of the time left (`Clock`)."""
+        self.clock = Clock(plan, f"{self.prefix} ")
+
+    def claim(self) -> None:
+        """Write config.json: from now on the directory holds this run."""
+        if not self.claimed and dist.is_main():
+            write_atomic(os.path.join(self.out, "config.json"), json.dumps(self.config, indent=2) + "\n")
+        self.claimed = True
+
+    def path(self, t: int | None, name: str = "") -> str:
+        """The file `name` of iteration (step) t; of the run directory itself when t is None."""
+        return os.path.join(self.out, name) if t is None else os.path.join(self.out, f"{self.prefix}_{t}", name)
+
+    def stage(self, t: int | None, name: str | tuple, compute: Callable[[Stage], object], seed: str | None = None):
+        """The output of a stage of iteration (step) t: read back if a finished run wrote it (resume), else
+        `compute(stage)`, given the stage's `Stage` (its parts, its log), and written atomically. With `seed`, the
+        random generators are first seeded from (config seed, t, seed), so a resumed run draws what an unbroken one
+        drew. A tuple of names: `compute` returns one value per name, written in order, and the last file marks the
+        stage as finished."""
+        names = name if isinstance(name, tuple) else (name,)
+        paths = [self.path(t, n) for n in names]
+        # Under a launcher the main process decides for all: the others must not see the file it is about to write.
+        if dist.broadcast(os.path.exists(paths[-1])):
+            values = [read(p) for p in paths]
+            self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
+        else:
+            if seed is not None:
+                seed_everything(self.seed, t, seed)
+            start = time.time()
+            self.claim()  # from here on the directory holds this run: a stage's finished parts may be kept
+            label = f"{self.prefix} {t}: {LABELS.get(names[-1], names[-1].split('.')[0])}"
+            stage = Stage(label, self.parts(t, names[-1]), self.log, self.path(t), t)
+            values = compute(stage) if isinstance(name, tuple) else [compute(stage)]
+            if dist.is_main():  # under a launcher every process computed the same values: one writes
+                for p, v in zip(paths, values):
+                    write(p, v)
+                self.rebuild_metrics()
+                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)  # the stage is finished: its parts are spent
+            dist.barrier()
+            self.clock.finished((t, names[-1]), time.time() - start)
+        if dist.is_main():
+            for n, v in zip(names, values):
+                self.trackers.stage_table(f"{self.prefix}_{t}", n, v, self.seed)
+        return values if isinstance(name, tuple) else values[0]
+
+    def parts(self, t: int | None, name: str) -> Parts:
+        """Where the stage that writes `name` of iteration (step) t keeps its finished parts while it runs
+        (`{name}.parts/`), so that a restarted run computes only the rest; removed once the stage's file is written."""
+        return Parts(self.path(t, name) + PARTS)
+
+    def copy_from(self, source: str, names: list, ignore: set) -> None:
+        """Copy the files `names` (relative paths) from another run directory whose config agrees with this one on
+        every field but those in `ignore`; files this run already has are kept."""
+        path = os.path.join(source, "config.json")
+        if not os.path.exists(path):
+            sys.exit(f"{path}: no such file; give a run directory")
+        diff = config_diff(read(path), self.config, set(ignore) | SPEED | RETIRED)
+        if diff:
+            sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
+        missing = [os.path.join(source, n) for n in names if not os.path.exists(os.path.join(self.out, n))
+                   and not os.path.exists(os.path.join(source, n))]
+        if missing:
+            sys.exit(f"{missing[0]}: no such file; that run has not got that far")
+        self.claim()
+        for name in names if dist.is_main() else ():
+            if not os.path.exists(os.path.join(self.out, name)):
+                with open(os.path.join(source, name), encoding="utf-8") as f:
+                    write_atomic(os.path.join(self.out, name), f.read())
+        dist.barrier()
+
+    def log(self, record: dict) -> None:
+        """Append a record (a training step) to metrics.jsonl as it comes; `rebuild_metrics` tidies up after."""
+        self.claim()
+        if dist.is_main():
+            with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.records.append(record)
+            self.trackers.sync(self.records)
+
+    def close(self) -> None:
+        if dist.is_main():
+            self.trackers.close()
+
+    def rebuild_metrics(self) -> None:
+        """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated.
+        Per folder in order: its stats.json and eval.json as one record each, its training log's records."""
+        records = []
+        for _, folder in folders(self.out):
+            for stage in ("stats.json", "train_log.jsonl", "eval.json"):
+                path = os.path.join(folder, stage)
+                if os.path.exists(path):
+                    records += read(path) if stage.endswith(".jsonl") else [
+                        {"folder": os.path.basename(folder), "stage": stage[:-5],
+                         **{k: v for k, v in read(path).items() if k != "results"}}]
+        write(os.path.join(self.out, "metrics.jsonl"), records)
+        self.records = records
+        self.trackers.sync(records)  # a resumed run's trackers go on after what they logged
+
+
