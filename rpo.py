@@ -241,7 +241,7 @@ TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     model.check_model(cfg.model)  # bad input ends the run here, before anything is written
-    train_set, test_set, shots, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions)
+    train_set, test_set, shots, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions, cfg.iterations > 0)
     run_dir = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
     print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
           f"questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "

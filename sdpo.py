@@ -135,7 +135,7 @@ def check_steps(cfg: Config, files: list, keep: set, held: set, pool: list) -> N
     if cfg.split != "given":
         if len(pool) < cfg.steps:
             raise DataError(f"--steps {cfg.steps}: only {len(pool)} pairs are left to train on after --heldout "
-                                 f"{cfg.heldout}; give more pairs, fewer steps or a smaller --heldout")
+                            f"{cfg.heldout}; give more pairs, fewer steps or a smaller --heldout")
         return
     left = {files[i] for i in pool}
     for t, path in enumerate(cfg.data, start=1):

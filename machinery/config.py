@@ -11,7 +11,7 @@ from machinery.trackers import REPORT_TO
 
 # Settings of speed (and of where metrics also go) alone: no sample, score or step depends on them, so a run may
 # resume with other values.
-SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "report_to"}
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "report_to", "threads"}
 
 
 def arg(default, help: str, **metadata):
@@ -29,6 +29,8 @@ class RunConfig:
                                "its rows from it, the batch-size flags as upper bounds; 0 = on a GPU what it reports "
                                "free less 1 GiB, on a CPU no plan", min=0)
     seed: int = arg(0, "seed of data, sampling, LoRA init and shuffling")
+    threads: int = arg(0, "CPU threads torch computes with; 0 = torch's default (one per core). Fewer where other "
+                       "jobs share the cores: two threads on two busy cores ran slower than one", min=0)
     report_to: list[str] = arg(["none"], "trackers the metrics also go to (TRL's flag): none, tensorboard, trackio, "
                                "wandb, several allowed; each is its own package (pip install tensorboard, trackio, "
                                "wandb)", choices=REPORT_TO, min_items=1)

@@ -478,3 +478,31 @@ def test_the_memory_plan_keeps_the_cache_within_the_budget_and_fills_it(monkeypa
     sample(Policy(model, tokenizer), prompts, 4, 20, 64, "sample", budget)
     planned = rows * (longest + 20) * costs.cache_token
     assert 0.9 * planned <= seen["peak"] <= planned
+
+
+def test_bf16_keeps_step_0_at_log_2_the_head_and_lora_in_float32_and_log_probs_near_float32(tmp_path):
+    """What bf16 changes on a CPU, bounded: the frozen weights, activations and cache in bf16, the output head and
+    the LoRA weights float32; the reference log-probs within a fraction of a nat of float32's; at step 0 the policy
+    is the reference, so the DPO term is log 2 and the loss log 2 + α·NLL."""
+    pairs = some_pairs()
+    cfg32, cfg16 = tiny_config(tmp_path, dtype="float32"), tiny_config(tmp_path, dtype="bfloat16")
+    want = training.reference_logps(models.load_model(cfg32), pairs, cfg32, Stage("ref"))
+    policy = models.load_model(cfg16)
+    model = policy.model
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    got = training.reference_logps(policy, pairs, cfg16, Stage("ref"))
+    assert max(abs(g[k] - w[k]) for g, w in zip(got, want) for k in ("chosen", "rejected")) < 0.5
+    records = training.train(policy, pairs, got, cfg16, Stage("train", t=1))
+    assert records[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-3)
+    assert records[0]["loss"] == pytest.approx(records[0]["loss/dpo"] + cfg16.alpha * records[0]["loss/nll"],
+                                               abs=1e-5)
+
+
+def test_threads_sets_the_threads_torch_computes_with(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    models.load_model(tiny_config(tmp_path))
+    models.load_model(tiny_config(tmp_path, threads=1))
+    assert calls == [1]  # 0, the default, leaves torch's own

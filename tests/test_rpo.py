@@ -441,3 +441,13 @@ def test_a_run_resumes_with_other_speed_settings(full_run, tmp_path):
     assert read(str(stopped / "config.json"))["sample_batch_size"] == 3
     sampled = (stopped / "iter_2" / "samples.jsonl").read_bytes()
     assert sampled == (full_run[0] / "iter_2" / "samples.jsonl").read_bytes()
+
+
+def test_an_evaluation_only_run_needs_no_training_file(tmp_path):
+    test = os.path.join(DATA, "gsm8k", "test.jsonl")
+    if not os.path.exists(test):
+        pytest.skip(f"{test} is absent: the published data sets sit in ../shared/data beside the project")
+    rows = rpo.run(tiny_config(tmp_path / "run", task="gsm8k", test_file=test, n_test=2, iterations=0))
+    assert [r["t"] for r in rows] == [0] and read(str(tmp_path / "run" / "iter_0" / "eval.json"))["n"] == 2
+    with pytest.raises(SystemExit, match="--task gsm8k needs --train-file and --test-file"):
+        rpo.main(["--model", "tiny-random", "--task", "gsm8k", "--test-file", test, "--out", str(tmp_path / "r")])

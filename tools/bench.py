@@ -45,14 +45,23 @@ from machinery.results import markdown_table  # noqa: E402
 from tools import samplers  # noqa: E402
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def header(title: str) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip() or \
         os.environ.get("BENCH_COMMIT", "unknown")  # a copy of the tree without .git (a remote GPU) names it
     import transformers
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, " \
-        f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} " \
+        f"cores, {torch.get_num_threads()} torch threads, bf16 matrix units: {models.bf16_matrix_units()}"
     return (f"### {title}\n\n{time.strftime('%Y-%m-%d')}, commit {commit}, {device}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}\n")
 
