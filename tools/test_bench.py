@@ -62,9 +62,20 @@ def test_memory_benchmark_runs(capsys):
     assert "| --memory-budget GiB |" in capsys.readouterr().out
 
 
+def available_gib() -> float:
+    """The memory this machine has available now (Linux: MemAvailable), in GiB; 0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
+@pytest.mark.skipif(available_gib() < 5, reason=f"needs 5 GiB of available memory, {available_gib():.1f} here: "
+                                                 "MATH's 2,400-token stages take 3.2 GB even at the tiny shape")
 def test_the_gpu_script_runs_on_a_cpu_at_a_tiny_size():
     """The script a GPU lease runs, checked here: every stage of both presets, under two caps. In a process of its
-    own: MATH's 2,400-token rows take 2 GB, which the test process would keep."""
+    own (3.2 GB at its peak), so that the test process does not keep what it took."""
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_gpu.py"), "--shape", "tiny", "--caps",
                            "0.02", "--margin", "0", "--steps", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
