@@ -265,22 +265,24 @@ def train(policy: Policy, pairs: list, reference: list, cfg, stage: Stage,
         if stage.parts:
             state.save(stage.parts, optimizer)
 
-    if state.step in marks and not state.checked():  # stopped between a checkpoint's state and its check
-        check()
-    for step in range(state.step + 1, len(steps) + 1):
-        record, micro = optimizer_step(model, encoded, reference, steps[step - 1], cfg, optimizer, micro,
-                                       tokenizer.pad_token_id, bar)
-        state.step = step
-        state.records.append({"iteration": t, "step": step, **record})
-        stage.log(state.records[-1])
-        bar.set_postfix_str(f"step {step}/{len(steps)}, loss {record['loss']:.4f} acc "
-                            f"{record['rewards/accuracies']:.2f}")
-        if stage.parts and (step in marks or dist.broadcast(time.time() - saved >= 60 * cfg.save_minutes)):
-            state.save(stage.parts, optimizer)  # before a check too: a stop during it loses no optimizer step
-            saved = time.time()
-        if step in marks:
+    try:  # the bar closed on a stop too, before its line
+        if state.step in marks and not state.checked():  # stopped between a checkpoint's state and its check
             check()
-    bar.close()
+        for step in range(state.step + 1, len(steps) + 1):
+            record, micro = optimizer_step(model, encoded, reference, steps[step - 1], cfg, optimizer, micro,
+                                           tokenizer.pad_token_id, bar)
+            state.step = step
+            state.records.append({"iteration": t, "step": step, **record})
+            stage.log(state.records[-1])
+            bar.set_postfix_str(f"step {step}/{len(steps)}, loss {record['loss']:.4f} acc "
+                                f"{record['rewards/accuracies']:.2f}")
+            if stage.parts and (step in marks or dist.broadcast(time.time() - saved >= 60 * cfg.save_minutes)):
+                state.save(stage.parts, optimizer)  # before a check too: a stop during it loses no optimizer step
+                saved = time.time()
+            if step in marks:
+                check()
+    finally:
+        bar.close()
     return finish(policy, state, optimizer, t, stage)
 
 

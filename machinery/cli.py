@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -66,7 +67,7 @@ def config_parser(config_class, description: str, paper: dict | None = None):
             HfArgumentParser._parse_dataclass_field(parser, f)
 
     parser = Parser(config_class, description=f"{description}\n\n{config_class.__doc__ or ''}",
-                    formatter_class=HelpFormatter,
+                    formatter_class=HelpFormatter, allow_abbrev=False,  # a typo is an error, never another flag
                     usage="%(prog)s [options]   (every option below; --help for this list)")
     own = set(vars(config_class).get("__annotations__", {}))  # the script's own fields first in --help
     parser._optionals._group_actions.sort(key=lambda action: (action.dest != "help", action.dest not in own))
@@ -80,7 +81,7 @@ def valid_values(f: dataclasses.Field) -> str:
         kind, each = typing.get_args(kind)[0], "a list, each "
     if f.metadata.get("choices"):
         return each + "one of " + ", ".join(map(str, f.metadata["choices"]))
-    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+    words = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
              bool | None: "true, false or null (the default)"}[kind]
     bounds = [f"{sign} {f.metadata[key]}" for key, sign in (("min", "≥"), ("above", ">"), ("max", "≤"),
                                                              ("below", "<")) if key in f.metadata]
@@ -189,9 +190,25 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
     dist.state()  # under `accelerate launch`: join the process group; the main process alone prints
     cfg = parse_config(config_class, argv, presets, description, paper)
 
+    script = os.path.basename(run.__code__.co_filename)
+
     def checked():
         try:
             run(cfg)
         except DataError as e:
-            sys.exit(f"{os.path.basename(run.__code__.co_filename)}: error: {e}")
+            sys.exit(f"{script}: error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`stopped`): what was finished is on disk
+            print(f"\n{script}: stopped; the same command resumes the run", file=sys.stderr)
+            sys.exit(143 if STOPPED_BY[0] == signal.SIGTERM else 130)
+
+    signal.signal(signal.SIGTERM, stopped)  # a scheduler's or a container's stop: as Ctrl-C
     dist.run(checked)
+
+
+STOPPED_BY = [signal.SIGINT]
+
+
+def stopped(signum, frame) -> None:
+    """SIGTERM ends a run as Ctrl-C does: one line, and the exit code of the signal (143; Ctrl-C 130)."""
+    STOPPED_BY[0] = signum
+    raise KeyboardInterrupt

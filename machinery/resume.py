@@ -98,26 +98,26 @@ def in_chunks(todo: list, rows: int, compute: Callable, stage: Stage, unit: str,
     every process's results."""
     chunks = batches(todo, rows)
     mine, done = [key for b in dist.mine(len(chunks)) for key in chunks[b]], {}
-    bar = tqdm(total=len(mine), desc=stage.label, unit=unit)
-    start = 0
-    while start < len(mine):
-        chunk = mine[start:start + rows]
-        try:
-            results = compute(chunk, bar)
-        except torch.OutOfMemoryError:
-            results = None  # out of the except block first, so that the traceback's tensors are freed
-        if results is not None:
-            if stage.parts:
-                stage.parts.save(results)
-            done.update(results)
-            start += len(chunk)
-            continue
-        release()
-        if len(chunk) == 1:
-            sys.exit(f"{stage.label}: out of memory with one {unit}; lower {lower}")
-        rows = len(chunk) // 2
-        print(f"{stage.label}: out of memory at {len(chunk)} {unit}s at once; going on with {rows}", file=sys.stderr)
-    bar.close()
+    with tqdm(total=len(mine), desc=stage.label, unit=unit) as bar:  # closed on a stop too, before its line
+        start = 0
+        while start < len(mine):
+            chunk = mine[start:start + rows]
+            try:
+                results = compute(chunk, bar)
+            except torch.OutOfMemoryError:
+                results = None  # out of the except block first, so that the traceback's tensors are freed
+            if results is not None:
+                if stage.parts:
+                    stage.parts.save(results)
+                done.update(results)
+                start += len(chunk)
+                continue
+            release()
+            if len(chunk) == 1:
+                sys.exit(f"{stage.label}: out of memory with one {unit}; lower {lower}")
+            rows = len(chunk) // 2
+            print(f"{stage.label}: out of memory at {len(chunk)} {unit}s at once; going on with {rows}",
+                  file=sys.stderr)
     return dist.merge(done)
 
 

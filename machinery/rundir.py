@@ -34,6 +34,28 @@ LABELS = {"samples.jsonl": "sample", "eval.json": "eval", "reference.jsonl": "re
           "heldout_logps.jsonl": "held-out log-probs", "pool_logps.jsonl": "γ_ref of the pool"}
 
 
+def check_out(out: str) -> None:
+    """--out names a directory, or a path one can be made at: one line, before any work, otherwise."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"--out {out}: a file, not a directory; give a run directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        sys.exit(f"--out {out}: {parent} is a file, so no directory can be made there; give another --out")
+
+
+def read_config(path: str) -> dict:
+    """A run directory's config.json; a damaged one (a file cut short by a full disk or a copy) is one line."""
+    try:
+        have = read(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        sys.exit(f"{path}: damaged ({e}); it is the run's config: restore it, or delete the directory to start over")
+    if not isinstance(have, dict):
+        sys.exit(f"{path}: damaged (not a JSON object); restore it, or delete the directory to start over")
+    return have
+
+
 class RunDir:
     """The run directory `cfg.out`: config.json, metrics.jsonl, and one folder per iteration or step, `{prefix}_t`."""
 
@@ -48,9 +70,10 @@ class RunDir:
         self.clock, self.records = Clock({}, f"{prefix} "), []
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
+        check_out(self.out)
         path = os.path.join(self.out, "config.json")
         if os.path.exists(path):
-            have = read(path)
+            have = read_config(path)
             finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}  # finished parts count
             if have.get("script") != script and finished:
                 sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
@@ -93,6 +116,8 @@ class RunDir:
         if dist.broadcast(os.path.exists(paths[-1])):
             values = [read(p) for p in paths]
             self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
+            if dist.is_main():  # what a run stopped just after writing the stage's file had left behind
+                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)
         else:
             if seed is not None:
                 seed_everything(self.seed, t, seed)

@@ -275,9 +275,10 @@ MISTAKES = [  # (flags, exit code, the message)
     (["--samples", "0"], 2, r"--samples-per-question 0: takes an integer ≥ 1"),
     (["--pairs", "0"], 2, r"--pairs-per-question 0: takes an integer ≥ 1"),
     (["--pairs", "-1"], 2, r"--pairs-per-question -1: takes an integer ≥ 1"),
-    (["--beta", "0"], 2, r"--beta 0\.0: takes a number > 0"),
-    (["--beta", "-1"], 2, r"--beta -1\.0: takes a number > 0"),
-    (["--temperatures", "0.8", "-1"], 2, r"--temperatures 0\.8 -1\.0: takes a list of at least 1, each a number > 0"),
+    (["--beta", "0"], 2, r"--beta 0\.0: takes a finite number > 0"),
+    (["--beta", "-1"], 2, r"--beta -1\.0: takes a finite number > 0"),
+    (["--temperatures", "0.8", "-1"], 2,
+     r"--temperatures 0\.8 -1\.0: takes a list of at least 1, each a finite number > 0"),
     (["--task", "sums"], 2, r"invalid choice: 'sums'"),
     (["--arith-test-every", "1"], 2, r"--arith-test-every 1: takes an integer ≥ 2"),
     (["--arith-ops", "/"], 1, r"--arith-ops '/': takes one or more of '\+-\*'"),
@@ -451,3 +452,69 @@ def test_an_evaluation_only_run_needs_no_training_file(tmp_path):
     assert [r["t"] for r in rows] == [0] and read(str(tmp_path / "run" / "iter_0" / "eval.json"))["n"] == 2
     with pytest.raises(SystemExit, match="--task gsm8k needs --train-file and --test-file"):
         rpo.main(["--model", "tiny-random", "--task", "gsm8k", "--test-file", test, "--out", str(tmp_path / "r")])
+
+
+@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_says_so_in_one_line_and_the_same_command_resumes_it(unbroken, tmp_path, sent, code):
+    """SIGTERM (a scheduler's or a container's stop) and Ctrl-C end a run with one line, the signal's exit code and
+    what was finished kept; the same command then ends with the files of a run never stopped."""
+    import time
+
+    out = tmp_path / "run"
+    running = subprocess.Popen([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "iter_0" / "eval.json").exists() and running.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    running.send_signal(sent)
+    err = running.communicate(timeout=120)[1]
+    assert running.returncode == code, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "rpo.py: stopped; the same command resumes the run"
+    assert "Traceback" not in err
+    again = subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert snapshot(out) == snapshot(unbroken)
+
+
+def test_leftovers_of_a_finished_stage_are_removed_when_it_is_read_back(unbroken, tmp_path):
+    """Stopped between writing a stage's file and removing its parts: the next run removes them."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out)
+    (out / "iter_1" / "train_log.jsonl.parts" / "state").mkdir(parents=True)
+    (out / "iter_1" / "train_log.jsonl.parts" / "part-000-000001.jsonl").write_text("{}\n")
+    done = subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert snapshot(out) == snapshot(unbroken)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--iteration", "3"], "unrecognized arguments: --iteration 3"),  # an abbreviation is no other flag
+    (["--lr", "inf"], "--lr inf: takes a finite number > 0"),
+])
+def test_a_typo_or_a_number_that_is_not_finite_is_one_line(tmp_path, capsys, flags, says):
+    with pytest.raises(SystemExit) as stop:
+        rpo.main(["--model", "tiny-random", *flags, "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_cannot_be_a_directory_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, says in ((tmp_path / "file", "a file, not a directory"),
+                      (tmp_path / "file" / "run", "is a file, so no directory can be made there")):
+        with pytest.raises(SystemExit, match=f"--out {out}: .*{says}"):
+            rpo.run(tiny_config(out))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_damaged_config_is_one_line(unbroken, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out)
+    text = (out / "config.json").read_text()
+    (out / "config.json").write_text(text[:len(text) // 2])  # cut short, as a full disk or a copy leaves it
+    done = subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{out / 'config.json'}: damaged")
