@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from machinery.cli import DataError
 from machinery.config import arg
-from reward import GRADERS, NUMERIC_TASKS, TASKS, last_boxed  # noqa: F401  (data.TASKS, data.NUMERIC_TASKS)
+from reward import GRADERS, TASKS, last_boxed
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -226,8 +226,8 @@ def check_model(name: str) -> None:
         if not os.path.isfile(os.path.join(CACHE, "Qwen2.5-Coder-0.5B-Instruct", "config.json")):
             check_gguf(qwen_gguf())
         return
-    if gguf_file(name):
-        return check_gguf(gguf_file(name))
+    if found := gguf_file(name):
+        return check_gguf(found)
     if name.endswith(".gguf"):
         raise DataError(f"--model {name}: no such file")
     if os.path.isdir(name):
@@ -410,7 +410,7 @@ def load_model(cfg) -> Policy:
     `ModelConfig` with the run's `seed`."""
     from peft import LoraConfig, get_peft_model
 
-    if getattr(cfg, "threads", 0):
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(f"loading {cfg.model}", file=sys.stderr)
     base, tokenizer = load_base(cfg)

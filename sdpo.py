@@ -75,6 +75,7 @@ PAPER = {"model": "SOLAR-10.7B + SFT", "beta": "0.1, Zephyr's settings", "max_le
 @dataclass
 class RpoTask(SamplingConfig, TaskConfig):
     """The task of the rpo.py run the pairs came from, as it sampled and evaluated it (the memory: this run's)."""
+    memory_budget: float = 0.0
 
 
 # =================================================================================================================
@@ -157,8 +158,8 @@ def rpo_task(cfg: Config):
     for path in paths:
         if os.path.exists(path) and read(path).get("script") == "rpo.py":
             config = read(path)
-            task = RpoTask(**{f.name: config[f.name] for f in fields(RpoTask) if f.name in config})
-            task.memory_budget = cfg.memory_budget
+            saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
+            task = RpoTask(**saved | {"memory_budget": cfg.memory_budget})  # this run's memory, not the rpo.py run's
             test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
             return config, task, test, shots, os.path.dirname(path)
     return None

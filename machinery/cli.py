@@ -197,18 +197,17 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
             run(cfg)
         except DataError as e:
             sys.exit(f"{script}: error: {e}")
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`stopped`): what was finished is on disk
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`): what was finished is on disk
             print(f"\n{script}: stopped; the same command resumes the run", file=sys.stderr)
-            sys.exit(143 if STOPPED_BY[0] == signal.SIGTERM else 130)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
 
     signal.signal(signal.SIGTERM, stopped)  # a scheduler's or a container's stop: as Ctrl-C
     dist.run(checked)
 
 
-STOPPED_BY = [signal.SIGINT]
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt: the run ends the same way, with exit code 143."""
 
 
 def stopped(signum, frame) -> None:
-    """SIGTERM ends a run as Ctrl-C does: one line, and the exit code of the signal (143; Ctrl-C 130)."""
-    STOPPED_BY[0] = signum
-    raise KeyboardInterrupt
+    raise Terminated

@@ -27,16 +27,17 @@ REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
 PACKAGE = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
 
 
-def prompt_text(prompt) -> str:
+def last_message(prompt) -> str:
+    """A prompt as a table shows it: the text, or a chat's last message (the question, without the template)."""
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 # The stages shown as tables: a sample of an iteration's completions, and of its pairs, as the trackers show them.
 TABLES = {
-    "samples.jsonl": ("completions", lambda s: {"prompt": prompt_text(s["prompt"]), "completion": s["completion"],
+    "samples.jsonl": ("completions", lambda s: {"prompt": last_message(s["prompt"]), "completion": s["completion"],
                                                 "extracted": s["extracted"], "reward": s["reward"],
                                                 "cut off": s["truncated"]}),
-    "pairs.jsonl": ("pairs", lambda p: {"prompt": prompt_text(p["prompt"]), "chosen": p["chosen"],
+    "pairs.jsonl": ("pairs", lambda p: {"prompt": last_message(p["prompt"]), "chosen": p["chosen"],
                                         "rejected": p["rejected"], "gold": p.get("answer"),
                                         "rejected cut off": p.get("rejected_truncated", False)}),
 }

@@ -291,7 +291,7 @@ def remarks(answer: str, task: str, said: str = "") -> list:
     said = said or answer
     out = [f"{answer} (because the steps above give {said})", f"{answer} (= {said})", f"{answer}. That is {said}.",
            f"{answer}, because the steps above give {said}"]
-    if task in data.NUMERIC_TASKS:
+    if task in reward.NUMERIC_TASKS:
         out += [f"{answer} = 1 + {said} - 1", f"{answer} apples (since 3 x 4 = 12)"]
     if task == "math" and "=" not in answer:
         out.append(f"{answer} = {said}" if said == answer else f"{said} + 0 = {answer}")

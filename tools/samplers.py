@@ -78,6 +78,7 @@ class SlotLoop:
         self.position = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.slot_keys = torch.zeros(slots, 2, dtype=torch.long, device=self.device)
         self.cache, self.step = None, 0
+        self.dtype = model.get_input_embeddings().weight.dtype  # of the additive mask: the activations' dtype
 
     def finish(self, slot: int, t: int) -> bool:
         """The row in `slot` took token t: True if it ended."""
@@ -133,9 +134,8 @@ class SlotLoop:
     def decode(self, forward: Callable) -> int:
         """One token for every slot; returns the rows that ended."""
         self.visible[:, self.column] = True  # each slot's new token sees itself
-        dtype = self.model.get_input_embeddings().weight.dtype  # an additive mask in the activations' dtype
-        mask = torch.zeros(self.visible.shape, dtype=dtype, device=self.device).masked_fill_(~self.visible,
-                                                                                            float("-inf"))
+        mask = torch.zeros(self.visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~self.visible, float("-inf"))
         logits = forward(self.token[:, None], self.position, mask[:, None, None, :], self.cache)[:, -1]  # (S, V)
         self.cache.column += 1
         self.column, self.step = self.column + 1, self.step + 1
