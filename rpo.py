@@ -75,7 +75,7 @@ import reward
 import sampling
 import training
 from data import TaskConfig
-from machinery.cli import main as command_line
+from machinery.cli import DataError, main as command_line
 from machinery.clock import rpo_stages
 from machinery.config import RunConfig, arg
 from machinery.resume import Stage
@@ -122,6 +122,13 @@ PAPER = {"model": "Llama-2-70B-Chat", "beta": "0.1", "grad_accum": "16 pairs a s
 
 
 PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; files from the public data sets
+    # A real GSM8K run on 2 CPU cores (bf16), sized by measurement to finish in about 80 minutes: the built-in
+    # Qwen2.5-Coder-0.5B, 64 training questions × N = 8, K = 4, the gold added, 32 held-out questions, one
+    # iteration, the first 300 test questions. Its measured table and stage times: README, "A real benchmark".
+    "gsm8k-cpu": dict(model="qwen2.5-coder-0.5b", task="gsm8k", n_train=64, n_test=300, iterations=1,
+                      samples_per_question=8, pairs_per_question=4, temperatures=[0.8], add_gold=True,
+                      max_new_tokens=320, max_length=512, lr=1e-4, batch_size=1, grad_accum=8, epochs=1,
+                      heldout_questions=32, checkpoints=2, eval_k=0, sample_batch_size=64, out="runs/gsm8k-cpu"),
     "gsm8k-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="gsm8k", n_train=0, n_test=0, iterations=4,
                      samples_per_question=30, pairs_per_question=10, temperatures=[0.8, 0.8, 1.3, 1.3],
                      add_gold=True, max_pairs=60000, max_new_tokens=512, max_length=1024, lr=5e-6, batch_size=4,
@@ -263,8 +270,10 @@ def run(cfg: Config) -> list:
             policy.load(run_dir.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
         samples = run_dir.stage(t, "samples.jsonl", seed="sample", compute=lambda stage:       # 1-2. generate,
                                 sample_and_reward(policy, cfg, train_set, shots, stage))       # reward
-        _, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:              # 3. pair
+        stats, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:          # 3. pair
                                  pair_up(policy.tokenizer, cfg, samples, train_set, t))
+        if not pairs:  # nothing to train M_t on: say so and end at M_{t-1}, rather than "train" on nothing
+            stopped_at(cfg, t, stats, run_dir)
         reference = run_dir.stage(t, "reference.jsonl", lambda stage:                         # π_ref = M_{t-1}, once
                                   training.reference_logps(policy, pairs, cfg, stage))
         run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage: training.train(  # 4. train M_t,
@@ -275,6 +284,17 @@ def run(cfg: Config) -> list:
     rows = run_rows(cfg.out, cfg.iterations)
     print(rpo_table(rows, cfg.eval_k))
     return rows
+
+
+def stopped_at(cfg: Config, t: int, stats: dict, run_dir: RunDir) -> None:
+    """Iteration t made no pairs: the table so far, then one line saying why and what gives pairs (exit 1)."""
+    run_dir.close()
+    print(rpo_table(run_rows(cfg.out, t - 1), cfg.eval_k))
+    raise DataError(
+        f"iteration {t} made no {'SFT examples' if cfg.sft else 'pairs'}: {stats['questions_with_right_and_wrong']} "
+        f"of {stats['questions']} questions had both a right and a wrong sample, {stats['truncated']} of "
+        f"{stats['samples']} samples were cut off at --max-new-tokens {cfg.max_new_tokens}; M_{t} was not trained "
+        f"and the run ends at M_{t - 1}. More --max-new-tokens, --samples-per-question or --add-gold give pairs")
 
 
 def main(argv=None) -> None:

@@ -124,7 +124,9 @@ def parse_config(config_class, argv=None, presets: dict | None = None, descripti
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
     parser.add_argument("--config", metavar="FILE", help="JSON file of config fields (flags given here win)")
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), help="the paper's settings for a task on a 7B model")
+        parser.add_argument("--preset", choices=sorted(presets),
+                            help="a reproduction's settings: *-7b the paper's on a 7B model (QLoRA, one GPU); "
+                            "gsm8k-cpu the built-in Qwen2.5-Coder-0.5B on GSM8K, sized for 2 CPU cores")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for action in list(parser._actions):
         if action.dest in fields and fields[action.dest].type in (bool, bool | None):
