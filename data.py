@@ -168,10 +168,12 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         records = []
         try:
             with open(path, "rb") as f:
-                lines = f.read().decode("utf-8").split("\n")
+                raw = f.read()
+            lines = raw.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not a UTF-8 text file of JSON lines (byte {e.start}); a Parquet file's name "
-                            "ends in .parquet") from None
+            line, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {column}); a file of "
+                            "JSON lines is UTF-8, and a Parquet file's name ends in .parquet") from None
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue

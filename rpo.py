@@ -58,10 +58,11 @@ Where this code departs from the paper, and why:
     log-probs equal the reference's at step 0 (loss = log 2 + α·NLL).
   - The default is the embedded SmolLM2-135M-Instruct on built-in arithmetic word problems: no download.
 
-Run directory: config.json, metrics.jsonl, iter_0/eval.json (M_0), and for each iteration iter_t/ with
-samples.jsonl, stats.json, pairs.jsonl, reference.jsonl, adapter/ (PEFT format), train_log.jsonl, eval.json.
+Run directory: config.json, manifest.json, metrics.jsonl, iter_0/eval.json (M_0), and for each iteration iter_t/
+with samples.jsonl, stats.json, pairs.jsonl, reference.jsonl, adapter/ (PEFT format), train_log.jsonl, eval.json.
 Every file is written atomically; running the same command again resumes where the run stopped, inside a stage
-too (a running stage keeps its finished parts in `<file>.parts/`). Sample n of question x draws from a random
+too (a running stage keeps its finished parts in `<file>.parts/`), each finished stage checked against the record
+of its files in manifest.json; one run at a time holds the directory. Sample n of question x draws from a random
 stream of its own, seeded by the stage, x's id and n: the batch it ran in never changes it.
 """
 import math
@@ -122,9 +123,9 @@ PAPER = {"model": "Llama-2-70B-Chat", "beta": "0.1", "grad_accum": "16 pairs a s
 
 
 PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; files from the public data sets
-    # A real GSM8K run on 2 CPU cores (bf16), sized by measurement to finish in about 80 minutes: the built-in
-    # Qwen2.5-Coder-0.5B, 64 training questions × N = 8, K = 4, the gold added, 32 held-out questions, one
-    # iteration, the first 300 test questions. Its measured table and stage times: README, "A real benchmark".
+    # A real GSM8K run on 2 CPU cores (bf16), sized by measurement (1 h 31 min): the built-in Qwen2.5-Coder-0.5B,
+    # 64 training questions × N = 8, K = 4, the gold added, 32 held-out questions, one iteration, the first 300
+    # test questions. Its measured table and stage times: README, "A real benchmark".
     "gsm8k-cpu": dict(model="qwen2.5-coder-0.5b", task="gsm8k", n_train=64, n_test=300, iterations=1,
                       samples_per_question=8, pairs_per_question=4, temperatures=[0.8], add_gold=True,
                       max_new_tokens=320, max_length=512, lr=1e-4, batch_size=1, grad_accum=8, epochs=1,
@@ -196,13 +197,14 @@ def make_pairs(winners: list, losers: list, k: int) -> list:
 
 def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
     """(stats, pairs) of iteration t: K pairs per question from its samples (plus the gold solution as the first
-    winner with --add-gold), pairs longer than --max-length dropped and counted, the total capped at --max-pairs.
+    winner with --add-gold), pairs longer than --max-length or whose two texts are the same (no DPO gradient)
+    dropped and counted, the total capped at --max-pairs.
     A cut-off sample is never a winner, and as a loser it gets no EOS in training. With --sft (the STaR baseline),
     every winner once, as a pair with an empty rejected response that the NLL term never looks at."""
     by_id = {}
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
-    pairs, too_long = [], 0
+    pairs, too_long, identical = [], 0, 0
     for ex in examples:
         group = by_id.get(ex["id"], [])
         gold = data.gold_solution(ex) if cfg.add_gold else None
@@ -211,6 +213,9 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
         losers = [(s["completion"], s.get("truncated", False)) for s in group if not s["reward"]]
         made = [(w, ("", False)) for w in winners] if cfg.sft else make_pairs(winners, losers, cfg.pairs_per_question)
         for chosen, (rejected, truncated) in made:
+            if chosen == rejected and not cfg.sft:  # the same text as winner and loser carries no DPO gradient
+                identical += 1
+                continue
             pair = {"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "prompt": group[0]["prompt"],
                     "chosen": chosen, "rejected": rejected, "rejected_truncated": truncated}
             if training.encode_pair(tokenizer, pair, cfg.max_length) is None:
@@ -224,14 +229,15 @@ def pair_up(tokenizer, cfg: Config, samples: list, examples: list, t: int):
         rewards.setdefault(s["id"], set()).add(s["reward"])
     lengths = [len(ids) for ids in tokenizer([s["completion"] for s in samples], add_special_tokens=False)["input_ids"]]
     stats = {"questions": len(examples), "questions_with_pairs": len({p["id"] for p in pairs}),
-             "pairs": len(pairs), "dropped_too_long": too_long,
+             "pairs": len(pairs), "dropped_too_long": too_long, "dropped_identical": identical,
              "train_accuracy": sum(s["reward"] for s in samples) / max(1, len(samples)),
              "samples": len(samples), "truncated": sum(s.get("truncated", False) for s in samples),
              "questions_with_right_and_wrong": sum(len(r) == 2 for r in rewards.values()),
              "mean_length": sum(lengths) / max(1, len(lengths))}  # tokens of a completion, as sampled
     print(f"iter {t}: {stats['pairs']} {'SFT examples' if cfg.sft else 'pairs'} from "
           f"{stats['questions_with_pairs']}/{len(examples)} questions; {too_long} dropped as longer than "
-          f"{cfg.max_length} tokens; {stats['truncated']} of {len(samples)} samples cut off at "
+          f"{cfg.max_length} tokens" + (f", {identical} as chosen = rejected" if identical else "") + "; "
+          f"{stats['truncated']} of {len(samples)} samples cut off at "
           f"{cfg.max_new_tokens} tokens", file=sys.stderr)
     return stats, pairs
 
@@ -249,46 +255,46 @@ def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     model.check_model(cfg.model)  # bad input ends the run here, before anything is written
     train_set, test_set, shots, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions, cfg.iterations > 0)
-    run_dir = RunDir(cfg, "rpo.py", "iter", grows=("iterations",))
-    print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} training "
-          f"questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
-          f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
-    if cfg.samples_from:  # a loss ablation on the very pairs of another run
-        run_dir.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
-    policy = model.load_model(cfg)                                                             # M_0
-    run_dir.expect(rpo_stages(cfg, len(train_set), len(test_set), len(heldout)))
+    with RunDir(cfg, "rpo.py", "iter", grows=("iterations",)) as run_dir:  # locked: one run at a time
+        print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} "
+              f"training questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
+              f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
+        if cfg.samples_from:  # a loss ablation on the very pairs of another run
+            run_dir.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)
+        policy = model.load_model(cfg)                                                         # M_0
+        train_set, heldout, test_set = (sampling.fitting(policy, cfg, examples, shots, what) for examples, what in
+                                        ((train_set, "training"), (heldout, "held-out"), (test_set, "test")))
+        run_dir.expect(rpo_stages(cfg, len(train_set), len(test_set), len(heldout)))
 
-    def evaluate(stage):  # greedy accuracy and maj@k of M_t on the test split
-        return sampling.evaluate(policy, cfg, test_set, shots, stage)
+        def evaluate(stage):  # greedy accuracy and maj@k of M_t on the test split
+            return sampling.evaluate(policy, cfg, test_set, shots, stage)
 
-    def heldout_accuracy(stage):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
-        return sampling.evaluate(policy, replace(cfg, eval_k=0), heldout, shots, stage)["accuracy"]
+        def heldout_accuracy(stage):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
+            return sampling.evaluate(policy, replace(cfg, eval_k=0), heldout, shots, stage)["accuracy"]
 
-    run_dir.stage(0, "eval.json", evaluate, seed="eval")
-    for t in range(1, cfg.iterations + 1):
-        if t > 1:
-            policy.load(run_dir.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
-        samples = run_dir.stage(t, "samples.jsonl", seed="sample", compute=lambda stage:       # 1-2. generate,
-                                sample_and_reward(policy, cfg, train_set, shots, stage))       # reward
-        stats, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:          # 3. pair
-                                 pair_up(policy.tokenizer, cfg, samples, train_set, t))
-        if not pairs:  # nothing to train M_t on: say so and end at M_{t-1}, rather than "train" on nothing
-            stopped_at(cfg, t, stats, run_dir)
-        reference = run_dir.stage(t, "reference.jsonl", lambda stage:                         # π_ref = M_{t-1}, once
-                                  training.reference_logps(policy, pairs, cfg, stage))
-        run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage: training.train(  # 4. train M_t,
-            policy, pairs, reference, cfg, stage, select=heldout_accuracy if heldout else None))  # Eq. 1; best ckpt
-        policy.load(run_dir.path(t, "adapter"))                                                # M_t
-        run_dir.stage(t, "eval.json", evaluate, seed="eval")                                   # 5. evaluate
-    run_dir.close()
+        run_dir.stage(0, "eval.json", evaluate, seed="eval")
+        for t in range(1, cfg.iterations + 1):
+            if t > 1:
+                policy.load(run_dir.path(t - 1, "adapter"))  # M_{t-1}: M_t starts from it, and it is the reference
+            samples = run_dir.stage(t, "samples.jsonl", seed="sample", compute=lambda stage:   # 1-2. generate,
+                                    sample_and_reward(policy, cfg, train_set, shots, stage))   # reward
+            stats, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:      # 3. pair
+                                         pair_up(policy.tokenizer, cfg, samples, train_set, t))
+            if not pairs:  # nothing to train M_t on: say so and end at M_{t-1}, rather than "train" on nothing
+                stopped_at(cfg, t, stats)
+            reference = run_dir.stage(t, "reference.jsonl", lambda stage:                     # π_ref = M_{t-1},
+                                      training.reference_logps(policy, pairs, cfg, stage))    # once
+            run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage: training.train(  # 4. train M_t,
+                policy, pairs, reference, cfg, stage, select=heldout_accuracy if heldout else None))  # Eq. 1
+            policy.load(run_dir.path(t, "adapter"))                                            # M_t, best ckpt
+            run_dir.stage(t, "eval.json", evaluate, seed="eval")                               # 5. evaluate
     rows = run_rows(cfg.out, cfg.iterations)
     print(rpo_table(rows, cfg.eval_k))
     return rows
 
 
-def stopped_at(cfg: Config, t: int, stats: dict, run_dir: RunDir) -> None:
+def stopped_at(cfg: Config, t: int, stats: dict) -> None:
     """Iteration t made no pairs: the table so far, then one line saying why and what gives pairs (exit 1)."""
-    run_dir.close()
     print(rpo_table(run_rows(cfg.out, t - 1), cfg.eval_k))
     raise DataError(
         f"iteration {t} made no {'SFT examples' if cfg.sft else 'pairs'}: {stats['questions_with_right_and_wrong']} "

@@ -26,6 +26,7 @@ import torch
 
 import reward
 from machinery import dist, memory
+from machinery.cli import DataError
 from machinery.config import arg
 from machinery.resume import Stage, in_chunks
 from model import Policy, encode_prompt, left_pad, task_prompt, with_cache
@@ -162,6 +163,22 @@ def generate_ids(model, prompts: list, n: int | list, temperature: float, max_ne
 # =================================================================================================================
 # The stages: a data set's prompts sampled (rows planned by memory, shared among processes, kept as they finish),
 # and a split evaluated
+
+def fitting(policy: Policy, cfg, examples: list, shots: list, what: str) -> list:
+    """The examples whose prompt fits in --max-length tokens, before any sampling: a longer prompt could make no pair
+    (and one runaway line would stall a whole batch). The others are dropped and counted in one line."""
+    if not examples:
+        return examples
+    fits = [ex for ex in examples
+            if len(encode_prompt(policy.tokenizer, task_prompt(policy.tokenizer, ex, shots))) <= cfg.max_length]
+    if len(fits) < len(examples):
+        print(f"{len(examples) - len(fits)} of {len(examples)} {what} questions dropped: their prompt is longer than "
+              f"--max-length {cfg.max_length} tokens", file=sys.stderr)
+    if not fits:
+        raise DataError(f"--max-length {cfg.max_length}: none of the {len(examples)} {what} questions' prompts fits; "
+                        "give a larger --max-length")
+    return fits
+
 
 def example_keys(examples: list) -> list:
     """The key of each example's random streams (`generate`): its id, and how many times the id came before (a

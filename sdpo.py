@@ -151,13 +151,21 @@ def check_steps(cfg: Config, files: list, keep: set, held: set, pool: list) -> N
 def rpo_task(cfg: Config):
     """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run
     (its config.json beside them, or --task-config), else None."""
-    if cfg.task_config and (not os.path.isfile(cfg.task_config) or read(cfg.task_config).get("script") != "rpo.py"):
+    def rpo_config(path: str) -> dict | None:  # the config.json of an rpo.py run, or None
+        try:
+            config = read(path) if os.path.isfile(path) else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); the config.json of an rpo.py run "
+                            "was expected") from None
+        return config if isinstance(config, dict) and config.get("script") == "rpo.py" else None
+
+    if cfg.task_config and rpo_config(cfg.task_config) is None:
         raise DataError(f"--task-config {cfg.task_config}: not the config.json of an rpo.py run")
     paths = [cfg.task_config] if cfg.task_config else [  # runs/x/iter_1/pairs.jsonl -> runs/x/config.json
         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(p))), "config.json") for p in cfg.data]
     for path in paths:
-        if os.path.exists(path) and read(path).get("script") == "rpo.py":
-            config = read(path)
+        config = rpo_config(path)
+        if config is not None:
             saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
             task = RpoTask(**saved | {"memory_budget": cfg.memory_budget})  # this run's memory, not the rpo.py run's
             test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
@@ -190,41 +198,50 @@ def run(cfg: Config) -> list:
         cfg = replace(cfg, split="given" if len(cfg.data) == cfg.steps > 1 else "random")
     pairs, files = load_pairs(cfg)
     task = rpo_task(cfg)
-    run_dir = RunDir(cfg, "sdpo.py", "step")
-    print(f"sdpo.py: sDPO, T = {cfg.steps} step(s) ({cfg.split} split) of M_0 = {cfg.model} on {len(pairs)} pairs from "
-          f"{len(cfg.data)} file(s) → {cfg.out}", file=sys.stderr)
-    policy = model.load_model(cfg)                                                            # M_0
-    keep = [i for i, p in enumerate(pairs) if training.encode_pair(policy.tokenizer, p, cfg.max_length) is not None]
-    if len(keep) < len(pairs):
-        print(f"{len(pairs) - len(keep)} pairs dropped as longer than {cfg.max_length} tokens", file=sys.stderr)
-    if len(keep) <= cfg.heldout:
-        sys.exit(f"sdpo.py: {len(keep)} pairs are too few for --heldout {cfg.heldout} and training")
-    held = set(random.Random(f"{cfg.seed}-heldout").sample(keep, cfg.heldout))
-    pool = [i for i in keep if i not in held]
-    check_steps(cfg, files, set(keep), held, pool)  # every step has pairs, or one line before any work
-    heldout = run_dir.stage(None, "heldout.jsonl", lambda stage: [pairs[i] for i in keep if i in held])
-    run_dir.expect(sdpo_stages(cfg, task, [pairs[i] for i in pool], len(held)))
-    initial = run_dir.stage(0, "heldout_logps.jsonl", lambda stage:                           # M_0 on the held-out
-                            training.reference_logps(policy, heldout, cfg, stage))
-    scored = run_dir.stage(0, "pool_logps.jsonl", lambda stage: training.reference_logps(
-        policy, [pairs[i] for i in pool], cfg, stage)) if cfg.split == "easy-to-hard" else None
-    chunks = split_steps(pool, [files[i] for i in pool], cfg.split, cfg.steps, scored and gammas(scored), cfg.seed)
-    run_dir.stage(0, "eval.json", lambda stage: evaluate(policy, cfg, task, initial, initial, stage), seed="eval")
-    for t in range(1, cfg.steps + 1):
-        if t > 1:
-            policy.load(run_dir.path(t - 1, "adapter"))  # reference AND target := M_{t-1}
-        chunk = run_dir.stage(t, "pairs.jsonl", lambda stage: [pairs[pool[i]] for i in chunks[t - 1]])  # D_t
-        reference = run_dir.stage(t, "reference.jsonl", lambda stage:                         # log π_{t-1}, frozen
-                                  training.reference_logps(policy, chunk, cfg, stage))
-        run_dir.stage(t, "stats.json", lambda stage: {"step": t, "pairs": len(chunk),         # mean γ_ref of D_t
-                                                      "gamma_ref_mean": sum(gammas(reference)) / len(reference)})
-        run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage:               # L_DPO(π_t, π_{t-1})
-                      training.train(policy, chunk, reference, cfg, stage))
-        policy.load(run_dir.path(t, "adapter"))                                               # M_t
-        logps = run_dir.stage(t, "heldout_logps.jsonl", lambda stage:                         # γ of M_t, held out
-                              training.reference_logps(policy, heldout, cfg, stage))
-        run_dir.stage(t, "eval.json", lambda stage: evaluate(policy, cfg, task, logps, initial, stage), seed="eval")
-    run_dir.close()
+    same = {i for i, p in enumerate(pairs) if p["chosen"] == p["rejected"]}  # no DPO gradient: dropped, counted
+    if same:
+        print(f"{len(same)} pairs dropped: their chosen and rejected responses are the same", file=sys.stderr)
+    if len(pairs) - len(same) <= cfg.heldout:  # before the model loads; again once over-long pairs are dropped
+        sys.exit(f"sdpo.py: {len(pairs) - len(same)} pairs are too few for --heldout {cfg.heldout} and training")
+    with RunDir(cfg, "sdpo.py", "step") as run_dir:  # locked: one run at a time
+        print(f"sdpo.py: sDPO, T = {cfg.steps} step(s) ({cfg.split} split) of M_0 = {cfg.model} on {len(pairs)} "
+              f"pairs from {len(cfg.data)} file(s) → {cfg.out}", file=sys.stderr)
+        policy = model.load_model(cfg)                                                        # M_0
+        keep = [i for i, p in enumerate(pairs) if i not in same and
+                training.encode_pair(policy.tokenizer, p, cfg.max_length) is not None]
+        if len(keep) < len(pairs) - len(same):
+            print(f"{len(pairs) - len(same) - len(keep)} pairs dropped as longer than {cfg.max_length} tokens",
+                  file=sys.stderr)
+        if len(keep) <= cfg.heldout:
+            sys.exit(f"sdpo.py: {len(keep)} pairs are too few for --heldout {cfg.heldout} and training")
+        held = set(random.Random(f"{cfg.seed}-heldout").sample(keep, cfg.heldout))
+        pool = [i for i in keep if i not in held]
+        check_steps(cfg, files, set(keep), held, pool)  # every step has pairs, or one line before any work
+        heldout = run_dir.stage(None, "heldout.jsonl", lambda stage: [pairs[i] for i in keep if i in held])
+        run_dir.expect(sdpo_stages(cfg, task, [pairs[i] for i in pool], len(held)))
+        initial = run_dir.stage(0, "heldout_logps.jsonl", lambda stage:                       # M_0 on the held-out
+                                training.reference_logps(policy, heldout, cfg, stage))
+        scored = run_dir.stage(0, "pool_logps.jsonl", lambda stage: training.reference_logps(
+            policy, [pairs[i] for i in pool], cfg, stage)) if cfg.split == "easy-to-hard" else None
+        chunks = split_steps(pool, [files[i] for i in pool], cfg.split, cfg.steps, scored and gammas(scored),
+                             cfg.seed)
+        run_dir.stage(0, "eval.json", lambda stage: evaluate(policy, cfg, task, initial, initial, stage),
+                      seed="eval")
+        for t in range(1, cfg.steps + 1):
+            if t > 1:
+                policy.load(run_dir.path(t - 1, "adapter"))  # reference AND target := M_{t-1}
+            chunk = run_dir.stage(t, "pairs.jsonl", lambda stage: [pairs[pool[i]] for i in chunks[t - 1]])  # D_t
+            reference = run_dir.stage(t, "reference.jsonl", lambda stage:                     # log π_{t-1}, frozen
+                                      training.reference_logps(policy, chunk, cfg, stage))
+            run_dir.stage(t, "stats.json", lambda stage: {"step": t, "pairs": len(chunk),     # mean γ_ref of D_t
+                                                          "gamma_ref_mean": sum(gammas(reference)) / len(reference)})
+            run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage:           # L_DPO(π_t, π_{t-1})
+                          training.train(policy, chunk, reference, cfg, stage))
+            policy.load(run_dir.path(t, "adapter"))                                           # M_t
+            logps = run_dir.stage(t, "heldout_logps.jsonl", lambda stage:                     # γ of M_t, held out
+                                  training.reference_logps(policy, heldout, cfg, stage))
+            run_dir.stage(t, "eval.json", lambda stage: evaluate(policy, cfg, task, logps, initial, stage),
+                          seed="eval")
     rows = run_rows(cfg.out, cfg.steps)
     print(sdpo_table(rows))
     return rows

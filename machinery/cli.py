@@ -9,10 +9,12 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import types
@@ -202,9 +204,34 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`): what was finished is on disk
             print(f"\n{script}: stopped; the same command resumes the run", file=sys.stderr)
             sys.exit(143 if isinstance(e, Terminated) else 130)
+        except Exception as e:
+            path = disk_full(e, cfg.out if os.path.isdir(cfg.out) else ".")
+            if path is None:
+                raise
+            free = shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))).free
+            sys.exit(f"{script}: {path}: no space left on the device ({free / 2**20:.1f} MiB free); free some space "
+                     "and the same command resumes the run")
 
     signal.signal(signal.SIGTERM, stopped)  # a scheduler's or a container's stop: as Ctrl-C
     dist.run(checked)
+
+
+def disk_full(error: BaseException, out: str = ".") -> str | None:
+    """The path a full disk stopped a write to, or None if `error` is something else: an OSError(ENOSPC) anywhere
+    in its chain, or what safetensors' writer makes of one ("os error 28"), or torch's writer failing ("iostream
+    error", "unexpected pos": no errno) with under 1 GiB free where the run writes."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return seen.filename or out
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "code: 28" in text:
+            return out
+        torch_writer = ("file write failed", "iostream error", "unexpected pos")  # torch.save's zip writer
+        if any(s in text for s in torch_writer) and shutil.disk_usage(out).free < 2**30:  # says no errno
+            return out
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Terminated(KeyboardInterrupt):

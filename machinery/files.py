@@ -1,10 +1,19 @@
-"""Files a run writes, each atomically, and the seeding of its random generators."""
+"""Files a run writes, each atomically; what a finished file was (its size and hash); the lock that lets one run at a
+time into a directory; the seeding of its random generators."""
 import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
+import sys
+import time
+
+try:
+    import fcntl  # POSIX; Windows has no flock, and runs there go unlocked
+except ImportError:
+    fcntl = None
 
 
 @contextlib.contextmanager
@@ -14,7 +23,14 @@ def atomic(path: str):
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # a full disk, a stop: no half-written file is left behind
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -23,6 +39,71 @@ def atomic(path: str):
 def write_atomic(path: str, text: str) -> None:
     with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def fingerprint(path: str) -> dict:
+    """What a finished file was: its size in bytes and its SHA-256, to tell it later from a damaged or changed one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+class DirectoryLock:
+    """One run at a time in a directory: an OS lock (flock) on `<folder>/.lock`, held while the run lives and
+    released by the OS however its process ends, so a killed run never blocks its own restart. The file names the
+    holder (process, host, start, command) for whoever is refused; the holder removes it when the run ends. A
+    process may take a lock it holds already (a test running several runs into one folder)."""
+
+    NAME = ".lock"
+    held: dict = {}  # this process's locks, by folder
+
+    def __init__(self, folder: str):
+        self.folder, self.path = os.path.realpath(folder), os.path.join(os.path.realpath(folder), self.NAME)
+        self.made = not os.path.exists(self.folder)  # then the folder goes too, if the run leaves it empty
+        self.file = None
+
+    def acquire(self) -> None:
+        """Take the lock, or end the run with one line naming the holder."""
+        if fcntl is None or self.folder in DirectoryLock.held:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            file = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "a process that has not said who it is yet"
+                file.close()
+                sys.exit(f"{self.folder}: another run is using this directory ({holder}); wait for it to end, or "
+                         "give another --out")
+            try:  # the file may have been removed (its run ended) between the open and the lock: lock the new one
+                same = os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            file.close()
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}\n")
+        file.flush()
+        self.file, DirectoryLock.held[self.folder] = file, self
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock; and the folder, if this run made it and left it empty."""
+        mine = DirectoryLock.held.pop(self.folder, None)
+        if mine is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(mine.path)
+        mine.file.close()
+        if mine.made:
+            with contextlib.suppress(OSError):
+                os.rmdir(mine.folder)  # only if empty
 
 
 def write(path, value) -> None:

@@ -11,6 +11,7 @@ end (each process its share, an out-of-memory error answered by halving the rows
 import glob
 import os
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,9 +40,16 @@ class Parts:
         """{key: value} of every part file (a key that was a list comes back a tuple)."""
         found = {}
         for path in sorted(glob.glob(os.path.join(self.folder, "part-*.jsonl"))):
-            for record in read(path):
-                key = record["key"]
-                found[tuple(key) if isinstance(key, list) else key] = record["value"]
+            try:
+                records = [(r["key"], r["value"]) for r in read(path)]
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, FileNotFoundError) as e:  # parts: a cache
+                print(f"{path}: cannot be read ({str(e).splitlines()[0]}); dropped, its work is done again",
+                      file=sys.stderr)
+                if dist.is_main():
+                    os.remove(path)
+                continue
+            for key, value in records:
+                found[tuple(key) if isinstance(key, list) else key] = value
         return found
 
     def save(self, values: dict) -> None:
@@ -160,7 +168,14 @@ class TrainState:
         path = os.path.join(parts.folder, "state", "state.pt") if parts else ""
         if not os.path.exists(path):
             return cls()
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # cut short (a full disk, a copy): training starts over, its held-out checks kept
+            print(f"{path}: cannot be read ({str(e).splitlines()[0][:120]}); training starts over", file=sys.stderr)
+            dist.barrier()
+            if dist.is_main():
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+            return cls()
         with torch.no_grad():
             for p, w in zip(trainable(optimizer), saved["weights"]):
                 p.copy_(w)

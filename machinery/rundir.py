@@ -1,10 +1,14 @@
 """The run directory of rpo.py or sdpo.py: its config, its stages, its metrics.
 
-    RunDir.stage   a finished stage's output is read back, a missing one computed (given its `Stage`), seeded and
-                   written atomically: the same command resumes a stopped run
+    RunDir         the directory, locked for the run (one run at a time: `files.DirectoryLock`)
+    RunDir.stage   a finished stage's output is read back once checked against what it was when written, a missing
+                   or damaged one computed (given its `Stage`), seeded and written atomically: the same command
+                   resumes a stopped run
     config.json    a resumed run must have the same config, but for the number of iterations and speed settings
+    manifest.json  each finished stage's files, their sizes and SHA-256s, in the order the stages finished
     metrics.jsonl  rebuilt from the finished stages, so a stopped stage's records are never counted twice
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +21,7 @@ from machinery import dist, trackers
 from machinery.cli import RETIRED
 from machinery.clock import Clock
 from machinery.config import SPEED
-from machinery.files import read, seed_everything, write, write_atomic
+from machinery.files import DirectoryLock, fingerprint, read, seed_everything, write, write_atomic
 from machinery.resume import Parts, Stage
 from machinery.results import folders
 
@@ -29,6 +33,9 @@ def config_diff(have: dict, want: dict, ignore=()) -> list:
 
 
 PARTS = ".parts"
+MANIFEST = "manifest.json"
+# What a stage writes beside its own file, by its file: training's adapter (M_t).
+BESIDE = {"train_log.jsonl": ("adapter",)}
 # What a stage's progress lines call it, by its file.
 LABELS = {"samples.jsonl": "sample", "eval.json": "eval", "reference.jsonl": "reference", "train_log.jsonl": "train",
           "heldout_logps.jsonl": "held-out log-probs", "pool_logps.jsonl": "γ_ref of the pool"}
@@ -66,15 +73,38 @@ class RunDir:
         iterations) and the speed settings (`SPEED`) may differ from the run's: it continues with them, and its
         config.json is written anew."""
         trackers.check(cfg.report_to)  # a tracker that is not installed: one line, before any work
-        self.out, self.seed, self.prefix, self.claimed = cfg.out, cfg.seed, prefix, False
+        self.out, self.seed, self.prefix, self.claimed, self.resumed = cfg.out, cfg.seed, prefix, False, False
         self.clock, self.records = Clock({}, f"{prefix} "), []
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
         check_out(self.out)
+        self.lock = DirectoryLock(self.out)
+        if dist.is_main():
+            self.lock.acquire()  # before the config is read: a second run into the directory is refused here
+        try:
+            self.check_config(script, grows)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.trackers = trackers.Trackers(cfg.report_to, self.out, self.config)
+        self.manifest = self.read_manifest()
+        self.redo, self.read_back, self.computed = False, 0, 0
+        if self.resumed and dist.is_main():
+            self.rebuild_metrics()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_config(self, script: str, grows: tuple) -> None:
+        """config.json against this run's: another script's run, or another config with finished stages, is one
+        line; so is a damaged one. A run asked for fewer iterations than the directory holds says so."""
         path = os.path.join(self.out, "config.json")
         if os.path.exists(path):
             have = read_config(path)
-            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl"}  # finished parts count
+            finished = set(os.listdir(self.out)) - {"config.json", "metrics.jsonl", DirectoryLock.NAME}
             if have.get("script") != script and finished:
                 sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
                          "--out")
@@ -82,12 +112,14 @@ class RunDir:
             if differs and finished:
                 sys.exit(f"{path}: this run directory holds a run with another config ({', '.join(differs)}); use "
                          "another --out, or delete the directory to start over")
-            self.claimed = have == self.config
-        elif os.path.isdir(self.out) and os.listdir(self.out):
+            for name in grows if finished else ():
+                if isinstance(have.get(name), int) and have[name] > self.config[name]:
+                    print(f"{self.out}: holds a run of --{name.replace('_', '-')} {have[name]}; this command asks "
+                          f"for {self.config[name]} and ends there (give {have[name]} for the whole run)",
+                          file=sys.stderr)
+            self.claimed, self.resumed = have == self.config, bool(finished)
+        elif os.path.isdir(self.out) and set(os.listdir(self.out)) - {DirectoryLock.NAME}:
             sys.exit(f"{self.out}: the directory is not empty and holds no config.json; use another --out")
-        self.trackers = trackers.Trackers(cfg.report_to, self.out, self.config)
-        if os.path.exists(path) and finished and dist.is_main():
-            self.rebuild_metrics()
 
     def expect(self, plan: dict) -> None:
         """The run's stages, {(t, last file name): (generated tokens, scored tokens)} roughly, in order: after each
@@ -113,9 +145,10 @@ class RunDir:
         names = name if isinstance(name, tuple) else (name,)
         paths = [self.path(t, n) for n in names]
         # Under a launcher the main process decides for all: the others must not see the file it is about to write.
-        if dist.broadcast(os.path.exists(paths[-1])):
-            values = [read(p) for p in paths]
+        values = [read(p) for p in paths] if dist.broadcast(self.finished(t, names)) else None
+        if values is not None:
             self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
+            self.read_back += 1
             if dist.is_main():  # what a run stopped just after writing the stage's file had left behind
                 shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)
         else:
@@ -124,11 +157,19 @@ class RunDir:
             start = time.time()
             self.claim()  # from here on the directory holds this run: a stage's finished parts may be kept
             label = f"{self.prefix} {t}: {LABELS.get(names[-1], names[-1].split('.')[0])}"
+            if self.read_back and not self.computed:
+                print(f"{self.out}: {self.read_back} finished stage(s) read back, each checked against its record in "
+                      f"{MANIFEST}; going on with {label}", file=sys.stderr)
+            self.computed += 1
+            if self.redo and dist.is_main():  # inputs of a stage done again may have changed: no parts from before
+                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)
+            dist.barrier()
             stage = Stage(label, self.parts(t, names[-1]), self.log, self.path(t), t)
             values = compute(stage) if isinstance(name, tuple) else [compute(stage)]
             if dist.is_main():  # under a launcher every process computed the same values: one writes
                 for p, v in zip(paths, values):
                     write(p, v)
+                self.record(t, names)
                 self.rebuild_metrics()
                 shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)  # the stage is finished: its parts are spent
             dist.barrier()
@@ -137,6 +178,88 @@ class RunDir:
             for n, v in zip(names, values):
                 self.trackers.stage_table(f"{self.prefix}_{t}", n, v, self.seed)
         return values if isinstance(name, tuple) else values[0]
+
+    # -------------------------------------------------------------------------------------------------------------
+    # What each finished stage wrote, recorded in manifest.json and checked when it is read back
+
+    def rel(self, path: str) -> str:
+        return os.path.relpath(path, self.out).replace(os.sep, "/")
+
+    def stage_files(self, t: int | None, names: tuple) -> list:
+        """Every file a stage wrote: its own, and what it writes beside them (the adapter of a training stage)."""
+        files = [self.path(t, n) for n in names]
+        for folder in BESIDE.get(names[-1], ()):
+            for root, _, found in sorted(os.walk(self.path(t, folder))):
+                files += [os.path.join(root, f) for f in sorted(found)]
+        return files
+
+    def read_manifest(self) -> dict:
+        """{stage: {file: {"size", "sha256"}}}, a stage named by the relative path of its last file; in the order the
+        stages finished. A damaged one is set aside: each finished stage is then checked by reading it."""
+        path = os.path.join(self.out, MANIFEST)
+        try:
+            return read(path) if os.path.exists(path) else {}
+        except (ValueError, UnicodeDecodeError):
+            print(f"{path}: damaged; each finished stage is checked by reading it instead, and recorded anew",
+                  file=sys.stderr)
+            return {}
+
+    def record(self, t: int | None, names: tuple) -> None:
+        key = self.rel(self.path(t, names[-1]))
+        self.manifest.pop(key, None)  # a stage done again goes last, where it now finished
+        self.manifest[key] = {self.rel(p): fingerprint(p) for p in self.stage_files(t, names)}
+        write(os.path.join(self.out, MANIFEST), self.manifest)
+
+    def finished(self, t: int | None, names: tuple) -> bool:
+        """Whether the stage that writes `names` finished and its files are as it wrote them (main process). A stage
+        found missing a file, cut short or changed is done again, and so is every stage after it: their files are
+        removed. A stage without a record (a run of an earlier version, or one stopped between writing the stage's
+        file and its record) counts as finished if its files can be read, and is recorded."""
+        key = self.rel(self.path(t, names[-1]))
+        recorded = self.manifest.get(key)
+        if not dist.is_main() or self.redo or not (recorded or os.path.exists(self.path(t, names[-1]))):
+            return False
+        if recorded is None:
+            problem = self.unreadable(t, names)
+        else:
+            problem = next((f"{f}: {why}" for f, want in recorded.items()
+                            if (why := self.differs(os.path.join(self.out, f), want))), None)
+        if problem is None:
+            if recorded is None:
+                self.record(t, names)
+            return True
+        print(f"{problem}; the stage is done again, and every stage after it", file=sys.stderr)
+        self.redo = True
+        later = list(self.manifest)[list(self.manifest).index(key) + 1:] if key in self.manifest else []
+        for stage in later:  # what was computed from the damaged stage's output
+            for f in self.manifest.pop(stage):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out, f))
+        self.manifest.pop(key, None)
+        write(os.path.join(self.out, MANIFEST), self.manifest)
+        return False
+
+    @staticmethod
+    def differs(path: str, want: dict) -> str | None:
+        if not os.path.exists(path):
+            return "missing"
+        if os.path.getsize(path) != want["size"]:
+            return f"{os.path.getsize(path)} bytes where {want['size']} were written"
+        return None if fingerprint(path)["sha256"] == want["sha256"] else "changed since it was written"
+
+    def unreadable(self, t: int | None, names: tuple) -> str | None:
+        for n in names:
+            path = self.path(t, n)
+            try:
+                read(path)
+            except FileNotFoundError:
+                return f"{self.rel(path)}: missing"
+            except (ValueError, UnicodeDecodeError) as e:
+                return f"{self.rel(path)}: cannot be read ({str(e).splitlines()[0]})"
+        for folder in BESIDE.get(names[-1], ()):
+            if not os.path.isdir(self.path(t, folder)) or not os.listdir(self.path(t, folder)):
+                return f"{self.rel(self.path(t, folder))}: missing"
+        return None
 
     def parts(self, t: int | None, name: str) -> Parts:
         """Where the stage that writes `name` of iteration (step) t keeps its finished parts while it runs
@@ -173,8 +296,13 @@ class RunDir:
             self.trackers.sync(self.records)
 
     def close(self) -> None:
+        """The run ends: trackers closed, the directory unlocked. A run that found everything finished says so."""
         if dist.is_main():
+            if self.read_back and not self.computed:
+                print(f"{self.out}: the {self.read_back} stages asked for were finished already and are as they were "
+                      f"written ({MANIFEST}); nothing computed", file=sys.stderr)
             self.trackers.close()
+        self.lock.release()
 
     def rebuild_metrics(self) -> None:
         """metrics.jsonl from the finished stages only: what a stopped stage logged is dropped, never duplicated.
@@ -183,10 +311,14 @@ class RunDir:
         for _, folder in folders(self.out):
             for stage in ("stats.json", "train_log.jsonl", "eval.json"):
                 path = os.path.join(folder, stage)
-                if os.path.exists(path):
-                    records += read(path) if stage.endswith(".jsonl") else [
+                try:
+                    found = read(path) if os.path.exists(path) else None
+                except (ValueError, UnicodeDecodeError):  # damaged: the stage is done again, then this runs again
+                    found = None
+                if found is not None:
+                    records += found if stage.endswith(".jsonl") else [
                         {"folder": os.path.basename(folder), "stage": stage[:-5],
-                         **{k: v for k, v in read(path).items() if k != "results"}}]
+                         **{k: v for k, v in found.items() if k != "results"}}]
         write(os.path.join(self.out, "metrics.jsonl"), records)
         self.records = records
         self.trackers.sync(records)  # a resumed run's trackers go on after what they logged

@@ -1,6 +1,8 @@
 """Fixtures shared by the test files: the tiny-random runs of both loops happen once per session."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -65,6 +67,23 @@ def two_steps(tmp_path_factory):
     return cfg, sdpo.run(cfg)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--model", "tiny-random", "--n-train", "6", "--n-test", "4", "--samples", "4", "--pairs", "2",
+         "--max-new-tokens", "12", "--add-gold", "--eval-k", "2", "--batch-size", "2", "--grad-accum", "2", "--lr",
+         "1e-3", "--iterations", "1", "--sample-batch-size", "8", "--heldout-questions", "4", "--checkpoints", "2",
+         "--save-minutes", "0"]
+
+
+@pytest.fixture(scope="session")
+def unbroken(tmp_path_factory):
+    """rpo.py's command line, one iteration on the tiny random Llama, never stopped: what a stopped, damaged or
+    refused run must end equal to."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
 def kill_and_resume_script(tmp_path, root):
     """A driver that runs rpo.py's command line and kills its own process (SIGKILL, as `kill -9`) right after the
     k-th save of a stage's finished parts (`samples`: iteration 1's sampling; `train`: iteration 1's training
@@ -98,6 +117,10 @@ rpo.main(sys.argv[3:])
     return script
 
 
+def read_json(text: bytes):
+    return json.loads(text.decode())
+
+
 def assert_same_files(one, two, rel=1e-5, atol=1e-4):
     """Two run directories hold the same files: equal bytes, or, where the order of float sums may differ (another
     batch shape), JSON equal but for floats within float32 rounding (`rel`; log-probs are sums of hundreds of terms)
@@ -125,6 +148,9 @@ def assert_same_files(one, two, rel=1e-5, atol=1e-4):
     assert sorted(a) == sorted(b)
     for name in a:
         if a[name] == b[name]:
+            continue
+        if name == "manifest.json":  # the files' hashes: the files themselves are compared
+            assert read_json(a[name]).keys() == read_json(b[name]).keys()
             continue
         if name.endswith(".safetensors"):
             x, y = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))

@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import DATA, assert_same_files, kill_and_resume_script, snapshot, tiny_config
+from conftest import DATA, FLAGS, ROOT, assert_same_files, kill_and_resume_script, snapshot, tiny_config
 
 import data
 import model as models
@@ -364,21 +364,6 @@ def test_each_iteration_samples_at_its_temperature(full_run):
 
 
 # --- a run that fits, and survives a crash ------------------------------------------------------------------------
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--model", "tiny-random", "--n-train", "6", "--n-test", "4", "--samples", "4", "--pairs", "2",
-         "--max-new-tokens", "12", "--add-gold", "--eval-k", "2", "--batch-size", "2", "--grad-accum", "2", "--lr",
-         "1e-3", "--iterations", "1", "--sample-batch-size", "8", "--heldout-questions", "4", "--checkpoints", "2",
-         "--save-minutes", "0"]
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory):
-    out = tmp_path_factory.mktemp("unbroken") / "run"
-    subprocess.run([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
-                   timeout=300)
-    return out
-
 
 @pytest.mark.parametrize("stage, after, resumed", [
     ("samples", 2, "iter 1: sample (T=0.8): 16 of 24 rows sampled before, 8 to go"),  # 2 of 3 batches of 8 kept
