@@ -446,8 +446,10 @@ def test_a_stopped_run_says_so_in_one_line_and_the_same_command_resumes_it(unbro
     import time
 
     out = tmp_path / "run"
+    # Ctrl-C's default back: a test run in the background of a non-interactive shell inherits SIGINT ignored.
     running = subprocess.Popen([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "iter_0" / "eval.json").exists() and running.poll() is None and time.time() < deadline:
         time.sleep(0.05)
