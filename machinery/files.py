@@ -22,18 +22,24 @@ def atomic(path: str):
     never leaves half of it behind. A folder already at `path` is replaced."""
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    discard(tmp)  # what a stopped write left
     try:
         yield tmp
     except BaseException:  # a full disk, a stop: no half-written file is left behind
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
+        discard(tmp)
         raise
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def discard(path: str) -> None:
+    """Remove a file or a folder, if there is one."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def write_atomic(path: str, text: str) -> None:

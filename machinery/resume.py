@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from machinery import dist
-from machinery.files import atomic, read, write
+from machinery.files import atomic, discard, read, write
 
 
 class Parts:
@@ -46,7 +46,7 @@ class Parts:
                 print(f"{path}: cannot be read ({str(e).splitlines()[0]}); dropped, its work is done again",
                       file=sys.stderr)
                 if dist.is_main():
-                    os.remove(path)
+                    discard(path)  # gone already if another process found it so
                 continue
             for key, value in records:
                 found[tuple(key) if isinstance(key, list) else key] = value
