@@ -11,7 +11,6 @@ end (each process its share, an out-of-memory error answered by halving the rows
 import glob
 import os
 import random
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -174,7 +173,7 @@ class TrainState:
             print(f"{path}: cannot be read ({str(e).splitlines()[0][:120]}); training starts over", file=sys.stderr)
             dist.barrier()
             if dist.is_main():
-                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                discard(os.path.dirname(path))
             return cls()
         with torch.no_grad():
             for p, w in zip(trainable(optimizer), saved["weights"]):

@@ -8,11 +8,9 @@
     manifest.json  each finished stage's files, their sizes and SHA-256s, in the order the stages finished
     metrics.jsonl  rebuilt from the finished stages, so a stopped stage's records are never counted twice
 """
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from machinery import dist, trackers
 from machinery.cli import RETIRED
 from machinery.clock import Clock
 from machinery.config import SPEED
-from machinery.files import DirectoryLock, fingerprint, read, seed_everything, write, write_atomic
+from machinery.files import DirectoryLock, discard, fingerprint, read, seed_everything, write, write_atomic
 from machinery.resume import Parts, Stage
 from machinery.results import folders
 
@@ -150,7 +148,7 @@ class RunDir:
             self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
             self.read_back += 1
             if dist.is_main():  # what a run stopped just after writing the stage's file had left behind
-                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)
+                discard(paths[-1] + PARTS)
         else:
             if seed is not None:
                 seed_everything(self.seed, t, seed)
@@ -162,7 +160,7 @@ class RunDir:
                       f"{MANIFEST}; going on with {label}", file=sys.stderr)
             self.computed += 1
             if self.redo and dist.is_main():  # inputs of a stage done again may have changed: no parts from before
-                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)
+                discard(paths[-1] + PARTS)
             dist.barrier()
             stage = Stage(label, self.parts(t, names[-1]), self.log, self.path(t), t)
             values = compute(stage) if isinstance(name, tuple) else [compute(stage)]
@@ -171,7 +169,7 @@ class RunDir:
                     write(p, v)
                 self.record(t, names)
                 self.rebuild_metrics()
-                shutil.rmtree(paths[-1] + PARTS, ignore_errors=True)  # the stage is finished: its parts are spent
+                discard(paths[-1] + PARTS)  # the stage is finished: its parts are spent
             dist.barrier()
             self.clock.finished((t, names[-1]), time.time() - start)
         if dist.is_main():
@@ -233,8 +231,7 @@ class RunDir:
         later = list(self.manifest)[list(self.manifest).index(key) + 1:] if key in self.manifest else []
         for stage in later:  # what was computed from the damaged stage's output
             for f in self.manifest.pop(stage):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.out, f))
+                discard(os.path.join(self.out, f))
         self.manifest.pop(key, None)
         write(os.path.join(self.out, MANIFEST), self.manifest)
         return False
