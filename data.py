@@ -169,6 +169,7 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark many Windows editors write: not text
             lines = raw.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
             line, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)

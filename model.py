@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -464,6 +465,25 @@ def prompt_text(tokenizer, prompt) -> str:
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not isinstance(prompt, list))["input_ids"]
+
+
+def surely_longer(tokenizer, text, max_length: int) -> bool:
+    """Whether `text` (a string, or chat messages) is surely more than max_length tokens, told from its characters
+    without tokenising it: no token spells more characters than the longest string in the vocabulary (byte-level
+    BPE: one character a byte; SentencePiece: "▁" a space), so a text longer than max_length times that needs more
+    than max_length tokens. A runaway line (a 20 MB question) is dropped at once, not tokenised whole."""
+    chars = len(text) if isinstance(text, str) else sum(len(str(m.get("content", ""))) for m in text)
+    return chars > max_length * longest_token(tokenizer)
+
+
+def longest_token(tokenizer) -> int:
+    """The characters of the longest string in the tokenizer's vocabulary (added tokens too), worked out once."""
+    if tokenizer not in _LONGEST:
+        _LONGEST[tokenizer] = max(map(len, tokenizer.get_vocab()))
+    return _LONGEST[tokenizer]
+
+
+_LONGEST = weakref.WeakKeyDictionary()
 
 
 def task_prompt(tokenizer, example: dict, shots: list | None):

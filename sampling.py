@@ -29,7 +29,7 @@ from machinery import dist, memory
 from machinery.cli import DataError
 from machinery.config import arg
 from machinery.resume import Stage, in_chunks
-from model import Policy, encode_prompt, left_pad, task_prompt, with_cache
+from model import Policy, encode_prompt, left_pad, surely_longer, task_prompt, with_cache
 
 M32 = 0xFFFFFFFF
 
@@ -169,8 +169,9 @@ def fitting(policy: Policy, cfg, examples: list, shots: list, what: str) -> list
     (and one runaway line would stall a whole batch). The others are dropped and counted in one line."""
     if not examples:
         return examples
-    fits = [ex for ex in examples
-            if len(encode_prompt(policy.tokenizer, task_prompt(policy.tokenizer, ex, shots))) <= cfg.max_length]
+    prompts = [task_prompt(policy.tokenizer, ex, shots) for ex in examples]
+    fits = [ex for ex, prompt in zip(examples, prompts) if not surely_longer(policy.tokenizer, prompt, cfg.max_length)
+            and len(encode_prompt(policy.tokenizer, prompt)) <= cfg.max_length]
     if len(fits) < len(examples):
         print(f"{len(examples) - len(fits)} of {len(examples)} {what} questions dropped: their prompt is longer than "
               f"--max-length {cfg.max_length} tokens", file=sys.stderr)

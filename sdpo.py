@@ -41,7 +41,7 @@ from machinery.config import RunConfig, arg
 from machinery.files import read
 from machinery.resume import Stage
 from machinery.results import run_rows, sdpo_table
-from machinery.rundir import RunDir
+from machinery.rundir import MANIFEST, RunDir, as_written
 from model import ModelConfig, Policy
 from sampling import SamplingConfig
 from training import TrainConfig
@@ -149,8 +149,10 @@ def check_steps(cfg: Config, files: list, keep: set, held: set, pool: list) -> N
 
 
 def rpo_task(cfg: Config):
-    """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run
-    (its config.json beside them, or --task-config), else None."""
+    """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run:
+    the config.json given by --task-config, or one found beside the pairs (runs/x/iter_1/pairs.jsonl ->
+    runs/x/config.json) whose task reads no file. A path is followed only from a file the user named: a found config
+    that names data files is not used, and a line says how to use it. Else None."""
     def rpo_config(path: str) -> dict | None:  # the config.json of an rpo.py run, or None
         try:
             config = read(path) if os.path.isfile(path) else None
@@ -161,15 +163,24 @@ def rpo_task(cfg: Config):
 
     if cfg.task_config and rpo_config(cfg.task_config) is None:
         raise DataError(f"--task-config {cfg.task_config}: not the config.json of an rpo.py run")
-    paths = [cfg.task_config] if cfg.task_config else [  # runs/x/iter_1/pairs.jsonl -> runs/x/config.json
+    paths = [cfg.task_config] if cfg.task_config else [
         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(p))), "config.json") for p in cfg.data]
     for path in paths:
         config = rpo_config(path)
-        if config is not None:
-            saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
-            task = RpoTask(**saved | {"memory_budget": cfg.memory_budget})  # this run's memory, not the rpo.py run's
-            test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
-            return config, task, test, shots, os.path.dirname(path)
+        if config is None:
+            continue
+        files = [config.get(k) for k in ("train_file", "test_file") if config.get(k)]
+        if files and not cfg.task_config:
+            print(f"sdpo.py: {path}, found beside --data, names the files of its task ({', '.join(map(str, files))}); "
+                  f"a path is followed only from a file you name: give --task-config {path} to measure task "
+                  "accuracy on its test split. Going on without it", file=sys.stderr)
+            return None
+        saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
+        task = RpoTask(**saved | {"memory_budget": cfg.memory_budget})  # this run's memory, not the rpo.py run's
+        test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
+        print(f"sdpo.py: task accuracy on the test split of the rpo.py run in {os.path.dirname(path)} ({task.task}, "
+              f"{len(test)} questions{', from ' + task.test_file if task.test_file else ''})", file=sys.stderr)
+        return config, task, test, shots, os.path.dirname(path)
     return None
 
 
@@ -178,11 +189,14 @@ def evaluate(policy: Policy, cfg: Config, task, logps: list, initial: list, stag
     result = heldout_eval(logps, initial, stage.t)
     if task is not None:
         config, task_cfg, test, shots, folder = task
-        m0 = os.path.join(folder, "iter_0", "eval.json")
-        if stage.t == 0 and os.path.exists(m0) and (cfg.model, cfg.load_in_4bit) == (config["model"],
-                                                                                     config["load_in_4bit"]):
-            measured = read(m0)  # M_0 on the same test split: the rpo.py run measured it already
-        else:
+        measured = None
+        if stage.t == 0 and (cfg.model, cfg.load_in_4bit) == (config["model"], config["load_in_4bit"]):
+            # M_0 on the same test split: the rpo.py run measured it already, if its file is as that run wrote it
+            why = as_written(folder, "iter_0/eval.json")
+            measured = None if why else read(os.path.join(folder, "iter_0", "eval.json"))
+            print(f"{why}: M_0 is evaluated here instead" if why else f"sdpo.py: M_0's task accuracy read from "
+                  f"{os.path.join(folder, 'iter_0', 'eval.json')}, as that run wrote it ({MANIFEST})", file=sys.stderr)
+        if measured is None:
             measured = sampling.evaluate(policy, task_cfg, test, shots, stage)
         result.update({k: v for k, v in measured.items() if k not in ("iteration", "n")}, test_n=measured["n"])
     return result

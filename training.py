@@ -24,7 +24,7 @@ from losses import rpo_loss, sequence_logps
 from machinery import dist, memory
 from machinery.config import arg
 from machinery.resume import Stage, TrainState, batches, in_chunks, release, trainable
-from model import Policy, encode_prompt, left_pad, with_cache
+from model import Policy, encode_prompt, left_pad, surely_longer, with_cache
 
 METRICS = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected")
@@ -49,6 +49,8 @@ class TrainConfig:
 def encode_pair(tokenizer, pair: dict, max_length: int):
     """(prompt ids, chosen ids, rejected ids), responses ending in EOS, but for a response that was cut off at the
     token limit (`rejected_truncated`): the model never ended it. None if either side is too long."""
+    if any(surely_longer(tokenizer, pair[k], max_length) for k in ("prompt", "chosen", "rejected")):
+        return None  # told from its characters: a runaway text is never tokenised whole
     prompt = encode_prompt(tokenizer, pair["prompt"])
     responses = [tokenizer(pair[k], add_special_tokens=False)["input_ids"] +
                  ([] if pair.get(f"{k}_truncated") else [tokenizer.eos_token_id]) for k in ("chosen", "rejected")]
@@ -169,10 +171,10 @@ def training_order(pairs: int, cfg, t: int) -> list:
 
 
 def accumulate(model, encoded: list, reference: list, mine: list, total: int, cfg, micro: int, pad_id: int,
-               bar) -> dict:
+               bar, tied: bool = False) -> dict:
     """The gradients of this process's pairs of a step, `micro` pairs a forward pass: Eq. 1 (`losses.rpo_loss`;
     with cfg.sft, the STaR baseline, its NLL term alone) summed over the pairs and divided by the step's `total`;
-    returns the sums of the logged metrics."""
+    returns the sums of the logged metrics. `tied`: the policy is still its reference (`is_reference`)."""
     sums = dict.fromkeys(METRICS, 0.0)
     for chunk in batches(mine, micro):
         chosen, rejected, lengths = pair_logps(model, collate([encoded[i] for i in chunk], pad_id))
@@ -184,7 +186,7 @@ def accumulate(model, encoded: list, reference: list, mine: list, total: int, cf
         (losses.sum() / total).backward()
         values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
                   "rewards/rejected": rejected_rewards,
-                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                  "rewards/accuracies": accuracies(chosen_rewards - rejected_rewards, tied),
                   "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
                   "logps/rejected": rejected}
         for name, value in values.items():
@@ -193,8 +195,24 @@ def accumulate(model, encoded: list, reference: list, mine: list, total: int, cf
     return sums
 
 
+def accuracies(margins: torch.Tensor, tied: bool) -> torch.Tensor:
+    """rewards/accuracies per pair: 1 where the chosen reward beats the rejected one, 0 where it loses, ½ for a tie.
+    While the policy is still its reference (`tied`) every margin is 0 by definition: what is computed is rounding,
+    whose sign changes with the rows of a forward pass, the CPU's kernels and the library's version, so each pair
+    counts as a tie, not as the sign of that noise. Shape: (batch_size,)."""
+    if tied:
+        return torch.full_like(margins, 0.5)
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
+def is_reference(model, step: int) -> bool:
+    """Whether the policy's forward pass is still the reference's: no optimizer step yet (training starts from
+    M_{t-1}, the reference) and no dropout active (the reference pass runs in eval mode)."""
+    return step == 0 and not any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
+
+
 def optimizer_step(model, encoded: list, reference: list, indices: list, cfg, optimizer, micro: int, pad_id: int,
-                   bar) -> tuple[dict, int]:
+                   bar, tied: bool = False) -> tuple[dict, int]:
     """One optimizer step on the pairs `indices`, the loss averaged over them: each process its share of the step's
     --batch-size groups (as DDP: the gradients then summed over the processes), `micro` pairs a forward pass. Out of
     memory, the step starts again at half the pairs a forward pass. Returns (the step's metrics, `micro` now)."""
@@ -204,7 +222,7 @@ def optimizer_step(model, encoded: list, reference: list, indices: list, cfg, op
     counted = bar.n
     while True:
         try:
-            sums = accumulate(model, encoded, reference, mine, len(indices), cfg, micro, pad_id, bar)
+            sums = accumulate(model, encoded, reference, mine, len(indices), cfg, micro, pad_id, bar, tied)
             break
         except torch.OutOfMemoryError:
             pass  # out of the except block first, so that the traceback's tensors are freed
@@ -270,7 +288,7 @@ def train(policy: Policy, pairs: list, reference: list, cfg, stage: Stage,
             check()
         for step in range(state.step + 1, len(steps) + 1):
             record, micro = optimizer_step(model, encoded, reference, steps[step - 1], cfg, optimizer, micro,
-                                           tokenizer.pad_token_id, bar)
+                                           tokenizer.pad_token_id, bar, is_reference(model, step - 1))
             state.step = step
             state.records.append({"iteration": t, "step": step, **record})
             stage.log(state.records[-1])

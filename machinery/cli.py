@@ -156,7 +156,7 @@ def read_config_file(path: str, fields: dict) -> dict:
     """The fields of a JSON config file (a run's config.json too); a field's old name (a flag alias) maps to it.
     A bad field or value ends the run with one line naming the file, the line and what is valid."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is read, not refused
             text = f.read()
         loaded = json.loads(text)
     except (OSError, UnicodeDecodeError) as e:

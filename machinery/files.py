@@ -56,6 +56,46 @@ def fingerprint(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
+def digest(path: str) -> str | None:
+    """The SHA-256 of a file, or of a folder (its files' relative names and SHA-256s, in order); None if neither."""
+    if os.path.isfile(path):
+        return fingerprint(path)["sha256"]
+    if not os.path.isdir(path):
+        return None
+    whole = hashlib.sha256()
+    for root, dirs, found in os.walk(path):
+        dirs.sort()
+        for name in sorted(found):
+            file = os.path.join(root, name)
+            whole.update(f"{os.path.relpath(file, path)}\0{fingerprint(file)['sha256']}\n".encode())
+    return whole.hexdigest()
+
+
+def inside(root: str, rel) -> str | None:
+    """A relative path read from a run directory's own files, joined to the directory and resolved (symbolic links
+    followed); None unless it is a relative path that stays inside the directory. What a run removes or writes
+    because a file said so goes through here: a crafted file cannot point it elsewhere."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+        return None
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, rel))
+    return path if path != root and os.path.commonpath([root, path]) == root else None
+
+
+def links_out(root: str) -> str | None:
+    """The first symbolic link under `root` that leads outside it, as 'LINK -> TARGET'; None if there is none. A run
+    writes and removes files under its directory only, so a link planted there must not lead it elsewhere."""
+    real = os.path.realpath(root)
+    for folder, dirs, found in os.walk(root):
+        for name in dirs + found:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if target == real or os.path.commonpath([real, target]) != real:
+                    return f"{path} -> {target}"
+    return None
+
+
 class DirectoryLock:
     """One run at a time in a directory: an OS lock (flock) on `<folder>/.lock`, held while the run lives and
     released by the OS however its process ends, so a killed run never blocks its own restart. The file names the

@@ -6,9 +6,17 @@
                    resumes a stopped run
     config.json    a resumed run must have the same config, but for the number of iterations and speed settings
     manifest.json  each finished stage's files, their sizes and SHA-256s, in the order the stages finished
+    inputs.json    the SHA-256 of each file a finished stage was computed from (`SOURCES`): a stage whose input has
+                   changed since is done again, with every stage after it, with or without a manifest
     metrics.jsonl  rebuilt from the finished stages, so a stopped stage's records are never counted twice
+
+A run directory may come from someone else (a shared folder, a tarball): every path read from its own files is
+resolved and refused unless it lies inside it (`files.inside`), a symbolic link leading out of it is refused, and
+nothing outside it is ever written or removed. A directory that cannot be written is read: a finished run's table
+is printed, an unfinished one ends in one line.
 """
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -19,7 +27,8 @@ from machinery import dist, trackers
 from machinery.cli import RETIRED
 from machinery.clock import Clock
 from machinery.config import SPEED
-from machinery.files import DirectoryLock, discard, fingerprint, read, seed_everything, write, write_atomic
+from machinery.files import (DirectoryLock, digest, discard, fingerprint, inside, links_out, read, seed_everything,
+                             write, write_atomic)
 from machinery.resume import Parts, Stage
 from machinery.results import folders
 
@@ -32,8 +41,17 @@ def config_diff(have: dict, want: dict, ignore=()) -> list:
 
 PARTS = ".parts"
 MANIFEST = "manifest.json"
+INPUTS = "inputs.json"
 # What a stage writes beside its own file, by its file: training's adapter (M_t).
 BESIDE = {"train_log.jsonl": ("adapter",)}
+# What a stage is computed from, by its last file: files of its own folder, and "<": the adapter of the folder
+# before (the model M_{t-1} it sampled or scored with). Those that exist when it finishes are recorded in inputs.json.
+SOURCES = {"samples.jsonl": ("<adapter",), "pairs.jsonl": ("samples.jsonl",),
+           "reference.jsonl": ("pairs.jsonl", "<adapter"), "stats.json": ("reference.jsonl",),
+           "train_log.jsonl": ("pairs.jsonl", "reference.jsonl"), "heldout_logps.jsonl": ("adapter",),
+           "eval.json": ("adapter",)}
+# The errors of a directory that cannot be written: then it is only read.
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 # What a stage's progress lines call it, by its file.
 LABELS = {"samples.jsonl": "sample", "eval.json": "eval", "reference.jsonl": "reference", "train_log.jsonl": "train",
           "heldout_logps.jsonl": "held-out log-probs", "pool_logps.jsonl": "γ_ref of the pool"}
@@ -61,6 +79,50 @@ def read_config(path: str) -> dict:
     return have
 
 
+def manifest_shape(found) -> str | None:
+    """What is wrong with the shape of a manifest, {stage: {file: {"size": bytes, "sha256": hex}}}; None if nothing."""
+    def fine(r):
+        return (isinstance(r, dict) and isinstance(r.get("size"), int) and not isinstance(r["size"], bool)
+                and isinstance(r.get("sha256"), str))
+    return record_shape(found, fine, 'a {"size", "sha256"} record')
+
+
+def inputs_shape(found) -> str | None:
+    """What is wrong with the shape of inputs.json, {stage: {file: hex}}; None if nothing."""
+    return record_shape(found, lambda r: isinstance(r, str), "a SHA-256")
+
+
+def record_shape(found, fine: Callable, what: str) -> str | None:
+    if not isinstance(found, dict):
+        return f"not a JSON object of stages but a JSON {type(found).__name__}"
+    for stage, files in found.items():
+        if not isinstance(files, dict):
+            return f"stage {stage!r}: {json.dumps(files)[:40]} where an object of its files belongs"
+        bad = next((f for f, r in files.items() if not fine(r)), None)
+        if bad is not None:
+            return f"stage {stage!r}: file {bad!r} has {json.dumps(files[bad])[:40]} where {what} belongs"
+    return None
+
+
+def as_written(folder: str, rel: str) -> str | None:
+    """Why the file `rel` of another run directory cannot be taken as that run wrote it (its manifest.json is missing,
+    damaged or has no record of it, or the file differs from its record); None where it is as written."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        manifest = read(path)
+    except FileNotFoundError:
+        return f"{path}: missing, so {rel} cannot be checked"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path}: damaged, so {rel} cannot be checked"
+    if manifest_shape(manifest):
+        return f"{path}: {manifest_shape(manifest)}"
+    want = next((files[rel] for files in manifest.values() if rel in files), None)
+    if want is None:
+        return f"{path}: no record of {rel}"
+    why = RunDir.differs(os.path.join(folder, rel), want)
+    return f"{os.path.join(folder, rel)}: {why}" if why else None
+
+
 class RunDir:
     """The run directory `cfg.out`: config.json, metrics.jsonl, and one folder per iteration or step, `{prefix}_t`."""
 
@@ -76,18 +138,28 @@ class RunDir:
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
         check_out(self.out)
-        self.lock = DirectoryLock(self.out)
+        self.lock, self.read_only = DirectoryLock(self.out), ""
         if dist.is_main():
-            self.lock.acquire()  # before the config is read: a second run into the directory is refused here
+            try:  # before the config is read: a second run into the directory is refused here
+                self.lock.acquire()
+            except OSError as e:  # a read-only file system, a folder of someone else's: read, never written
+                if e.errno not in READ_ONLY:
+                    raise
+                self.read_only = e.strerror
         try:
+            link = links_out(self.out) if os.path.isdir(self.out) else None
+            if link:
+                sys.exit(f"{link}: a symbolic link out of the run directory; a run writes and removes files inside "
+                         "its --out only: remove the link, or give another --out")
             self.check_config(script, grows)
+            self.manifest = self.read_record(MANIFEST, manifest_shape)
+            self.inputs = self.read_record(INPUTS, inputs_shape)
         except BaseException:
             self.lock.release()
             raise
         self.trackers = trackers.Trackers(cfg.report_to, self.out, self.config)
-        self.manifest = self.read_manifest()
-        self.redo, self.read_back, self.computed = False, 0, 0
-        if self.resumed and dist.is_main():
+        self.redo, self.read_back, self.computed, self.unrecorded = False, 0, 0, 0
+        if self.resumed and dist.is_main() and not self.read_only:
             self.rebuild_metrics()
 
     def __enter__(self):
@@ -147,17 +219,18 @@ class RunDir:
         if values is not None:
             self.clock.skip((t, names[-1]))  # read back: no time left to spend on it
             self.read_back += 1
-            if dist.is_main():  # what a run stopped just after writing the stage's file had left behind
+            if dist.is_main() and not self.read_only:  # what a run stopped just after writing its file left behind
                 discard(paths[-1] + PARTS)
         else:
+            label = f"{self.prefix} {t}: {LABELS.get(names[-1], names[-1].split('.')[0])}"
+            self.writable(f"the run is not finished ({label} is still to do)")
             if seed is not None:
                 seed_everything(self.seed, t, seed)
             start = time.time()
             self.claim()  # from here on the directory holds this run: a stage's finished parts may be kept
-            label = f"{self.prefix} {t}: {LABELS.get(names[-1], names[-1].split('.')[0])}"
             if self.read_back and not self.computed:
-                print(f"{self.out}: {self.read_back} finished stage(s) read back, each checked against its record in "
-                      f"{MANIFEST}; going on with {label}", file=sys.stderr)
+                print(f"{self.out}: {self.read_back} finished stage(s) read back, {self.checked()}; going on with "
+                      f"{label}", file=sys.stderr)
             self.computed += 1
             if self.redo and dist.is_main():  # inputs of a stage done again may have changed: no parts from before
                 discard(paths[-1] + PARTS)
@@ -191,28 +264,52 @@ class RunDir:
                 files += [os.path.join(root, f) for f in sorted(found)]
         return files
 
-    def read_manifest(self) -> dict:
-        """{stage: {file: {"size", "sha256"}}}, a stage named by the relative path of its last file; in the order the
-        stages finished. A damaged one is set aside: each finished stage is then checked by reading it."""
-        path = os.path.join(self.out, MANIFEST)
+    def read_record(self, name: str, shape: Callable) -> dict:
+        """manifest.json or inputs.json: {stage: {file: record}}, a stage named by the relative path of its last file,
+        in the order the stages finished. A damaged one, or one of another shape, is set aside in one line: each
+        finished stage is then checked by reading it, and recorded anew. One naming a path outside the run directory
+        is refused in one line: the directory has been tampered with, and nothing is removed."""
+        path = os.path.join(self.out, name)
+        if not os.path.exists(path):
+            return {}
         try:
-            return read(path) if os.path.exists(path) else {}
+            found = read(path)
         except (ValueError, UnicodeDecodeError):
-            print(f"{path}: damaged; each finished stage is checked by reading it instead, and recorded anew",
+            found, why = None, "damaged"
+        else:
+            why = shape(found)
+        if why:
+            print(f"{path}: {why}; each finished stage is checked by reading it instead, and recorded anew",
                   file=sys.stderr)
             return {}
+        outside = next((f for stage, files in found.items() for f in (stage, *files) if not inside(self.out, f)),
+                       None)
+        if outside is not None:
+            sys.exit(f"{path}: names {outside!r}, a path outside the run directory; refused, nothing was removed. A "
+                     f"run directory names its own files only: delete {name} to resume with each finished stage "
+                     "checked by reading it")
+        return found
 
     def record(self, t: int | None, names: tuple) -> None:
         key = self.rel(self.path(t, names[-1]))
         self.manifest.pop(key, None)  # a stage done again goes last, where it now finished
         self.manifest[key] = {self.rel(p): fingerprint(p) for p in self.stage_files(t, names)}
         write(os.path.join(self.out, MANIFEST), self.manifest)
+        self.inputs.pop(key, None)
+        self.inputs[key] = {self.rel(p): sha for p in self.sources(t, names) if (sha := digest(p))}
+        write(os.path.join(self.out, INPUTS), self.inputs)
+
+    def sources(self, t: int | None, names: tuple) -> list:
+        """The paths of what the stage was computed from (`SOURCES`): files of its folder, the adapter before."""
+        before = [self.path(t - 1, n[1:]) for n in SOURCES.get(names[-1], ()) if n.startswith("<") and t]
+        return [self.path(t, n) for n in SOURCES.get(names[-1], ()) if not n.startswith("<")] + before
 
     def finished(self, t: int | None, names: tuple) -> bool:
         """Whether the stage that writes `names` finished and its files are as it wrote them (main process). A stage
-        found missing a file, cut short or changed is done again, and so is every stage after it: their files are
-        removed. A stage without a record (a run of an earlier version, or one stopped between writing the stage's
-        file and its record) counts as finished if its files can be read, and is recorded."""
+        found missing a file, cut short or changed, or computed from a file that has changed since (inputs.json), is
+        done again, and so is every stage after it: their files are removed. A stage without a record (a run of an
+        earlier version, one stopped between writing the stage's file and its record, a lost manifest) counts as
+        finished if its files can be read, and is recorded."""
         key = self.rel(self.path(t, names[-1]))
         recorded = self.manifest.get(key)
         if not dist.is_main() or self.redo or not (recorded or os.path.exists(self.path(t, names[-1]))):
@@ -222,19 +319,45 @@ class RunDir:
         else:
             problem = next((f"{f}: {why}" for f, want in recorded.items()
                             if (why := self.differs(os.path.join(self.out, f), want))), None)
+        problem = problem or next((f"{key}: computed from {f} as it was then, and {f} has changed since"
+                                   for f, sha in self.inputs.get(key, {}).items()
+                                   if digest(os.path.join(self.out, f)) != sha), None)
         if problem is None:
-            if recorded is None:
+            if recorded is None and not self.unrecorded and not os.path.exists(os.path.join(self.out, MANIFEST)):
+                print(f"{os.path.join(self.out, MANIFEST)}: missing; each finished stage is checked only for being "
+                      f"readable and for the files it was computed from ({INPUTS}), not for being the bytes its run "
+                      "wrote", file=sys.stderr)
+            self.unrecorded += recorded is None
+            if (recorded is None or key not in self.inputs) and not self.read_only:
                 self.record(t, names)
             return True
+        self.writable(f"{problem}; the stage would be done again")
         print(f"{problem}; the stage is done again, and every stage after it", file=sys.stderr)
         self.redo = True
         later = list(self.manifest)[list(self.manifest).index(key) + 1:] if key in self.manifest else []
         for stage in later:  # what was computed from the damaged stage's output
             for f in self.manifest.pop(stage):
-                discard(os.path.join(self.out, f))
+                discard(inside(self.out, f))  # inside: checked when the manifest was read
+            self.inputs.pop(stage, None)
         self.manifest.pop(key, None)
+        self.inputs.pop(key, None)
         write(os.path.join(self.out, MANIFEST), self.manifest)
+        write(os.path.join(self.out, INPUTS), self.inputs)
         return False
+
+    def checked(self) -> str:
+        """How the stages read back were checked, for the lines that say so."""
+        if not self.unrecorded:
+            return f"each checked against its record in {MANIFEST}"
+        return (f"{self.read_back - self.unrecorded} checked against their record in {MANIFEST}, {self.unrecorded} "
+                f"without one only for being readable and for the files they were computed from ({INPUTS}): not "
+                "for being the bytes their run wrote")
+
+    def writable(self, why: str) -> None:
+        """One line and exit where the directory cannot be written and the run needs to write it."""
+        if self.read_only:
+            sys.exit(f"{self.out}: cannot be written ({self.read_only}) and {why}; copy the directory to a place "
+                     "that can be written and give that as --out")
 
     @staticmethod
     def differs(path: str, want: dict) -> str | None:
@@ -264,23 +387,32 @@ class RunDir:
         return Parts(self.path(t, name) + PARTS)
 
     def copy_from(self, source: str, names: list, ignore: set) -> None:
-        """Copy the files `names` (relative paths) from another run directory whose config agrees with this one on
-        every field but those in `ignore`; files this run already has are kept."""
+        """Copy the files `names` (relative paths, each a stage's only file) from another run directory whose config
+        agrees with this one on every field but those in `ignore`, each checked against that run's manifest; files
+        this run already has are kept."""
         path = os.path.join(source, "config.json")
         if not os.path.exists(path):
             sys.exit(f"{path}: no such file; give a run directory")
-        diff = config_diff(read(path), self.config, set(ignore) | SPEED | RETIRED)
+        diff = config_diff(read_config(path), self.config, set(ignore) | SPEED | RETIRED)
         if diff:
             sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
-        missing = [os.path.join(source, n) for n in names if not os.path.exists(os.path.join(self.out, n))
-                   and not os.path.exists(os.path.join(source, n))]
+        todo = [n for n in names if not os.path.exists(os.path.join(self.out, n))]
+        missing = [os.path.join(source, n) for n in todo if not os.path.exists(os.path.join(source, n))]
         if missing:
             sys.exit(f"{missing[0]}: no such file; that run has not got that far")
+        why = next((why for n in todo if (why := as_written(source, n))), None)
+        if why:
+            sys.exit(f"--samples-from {source}: {why}; run that run's command once more: it checks its files, redoes "
+                     "what is damaged and records them")
+        if todo:
+            self.writable("files are to be copied into it")
         self.claim()
-        for name in names if dist.is_main() else ():
-            if not os.path.exists(os.path.join(self.out, name)):
-                with open(os.path.join(source, name), encoding="utf-8") as f:
-                    write_atomic(os.path.join(self.out, name), f.read())
+        for name in todo if dist.is_main() else ():
+            with open(os.path.join(source, name), encoding="utf-8") as f:
+                write_atomic(os.path.join(self.out, name), f.read())
+            self.manifest[name] = {name: fingerprint(os.path.join(self.out, name))}  # as checked in `source`
+        if todo and dist.is_main():
+            write(os.path.join(self.out, MANIFEST), self.manifest)
         dist.barrier()
 
     def log(self, record: dict) -> None:
@@ -295,9 +427,12 @@ class RunDir:
     def close(self) -> None:
         """The run ends: trackers closed, the directory unlocked. A run that found everything finished says so."""
         if dist.is_main():
-            if self.read_back and not self.computed:
+            if self.read_back and not self.computed and not self.unrecorded:
                 print(f"{self.out}: the {self.read_back} stages asked for were finished already and are as they were "
                       f"written ({MANIFEST}); nothing computed", file=sys.stderr)
+            elif self.read_back and not self.computed:
+                print(f"{self.out}: the {self.read_back} stages asked for were finished already, {self.checked()}; "
+                      "nothing computed", file=sys.stderr)
             self.trackers.close()
         self.lock.release()
 

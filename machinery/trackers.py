@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 import uuid
 
 from machinery import dist
@@ -86,14 +87,28 @@ def global_steps(records: list) -> list:
     return steps
 
 
+def read_state(path: str) -> dict | None:
+    """trackers.json as a run wrote it, or None (said in one line) where it is damaged or of another shape: the
+    trackers then log the run anew from its first record. wandb's run id names a folder: letters and digits only."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        state = None
+    if (isinstance(state, dict) and isinstance(state.get("logged"), int) and isinstance(state.get("tables"), list)
+            and str(state.get("wandb_id", "id")).isalnum()):
+        return state
+    print(f"{path}: damaged; the trackers log the run anew from its first record", file=sys.stderr)
+    return None
+
+
 class Trackers:
     def __init__(self, names: list, out: str, config: dict):
         self.names = [n for n in names if n != "none"] if dist.is_main() else []
         self.path = os.path.join(out, "trackers.json")
         self.state = {"logged": 0, "tables": []}
         if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                self.state = json.load(f)
+            self.state = read_state(self.path) or self.state
         self.run_name, self.out, self.config, self.writers = os.path.basename(os.path.normpath(out)), out, config, {}
         self.step = 0
 

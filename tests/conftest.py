@@ -149,8 +149,9 @@ def assert_same_files(one, two, rel=1e-5, atol=1e-4):
     for name in a:
         if a[name] == b[name]:
             continue
-        if name == "manifest.json":  # the files' hashes: the files themselves are compared
+        if name in ("manifest.json", "inputs.json"):  # the files' hashes: the files themselves are compared
             assert read_json(a[name]).keys() == read_json(b[name]).keys()
+            assert all(read_json(a[name])[k].keys() == read_json(b[name])[k].keys() for k in read_json(a[name]))
             continue
         if name.endswith(".safetensors"):
             x, y = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))

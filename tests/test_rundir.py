@@ -37,19 +37,43 @@ def last_line(done) -> str:
 # --- one run at a time ---------------------------------------------------------------------------------------------
 
 def test_a_second_run_into_a_running_directory_is_one_line_naming_the_holder(unbroken, tmp_path):
-    """Started while the first runs, the same command and one with another --lr are both refused before any work;
-    the first ends with the files of a run that was alone."""
-    out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "rpo.py", *FLAGS, "--out", str(out)], cwd=ROOT,
+    """Started while the first holds the directory, the same command and one with another --lr are both refused
+    before any work; the first ends with the files of a run that was alone. The first is held just after it took
+    the lock (a gate the test opens), so the test never races it, however slow or fast the machine."""
+    out, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    driver = tmp_path / "held.py"
+    driver.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import rpo
+from machinery.files import DirectoryLock
+
+real = DirectoryLock.acquire
+
+
+def acquire(self):
+    real(self)
+    open({str(ready)!r}, "w").close()
+    while not os.path.exists({str(go)!r}):
+        time.sleep(0.02)
+
+
+DirectoryLock.acquire = acquire
+rpo.main(sys.argv[1:])
+""")
+    first = subprocess.Popen([sys.executable, str(driver), *FLAGS, "--out", str(out)], cwd=ROOT,
                              stderr=subprocess.DEVNULL)
-    lock, deadline = out / DirectoryLock.NAME, time.time() + 120
-    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
-    for flags in ([], ["--lr", "2e-3"]):
-        second = run_rpo(out, *flags)
-        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
-        assert last_line(second).startswith(f"{os.path.realpath(out)}: another run is using this directory (pid "
-                                            f"{first.pid} on "), last_line(second)
+    try:
+        deadline = time.time() + 300
+        while not ready.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), "the first run never took the lock"
+        for flags in ([], ["--lr", "2e-3"]):
+            second = run_rpo(out, *flags)
+            assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert last_line(second).startswith(f"{os.path.realpath(out)}: another run is using this directory "
+                                                f"(pid {first.pid} on "), last_line(second)
+    finally:
+        go.touch()
     assert first.wait(timeout=300) == 0
     assert snapshot(out) == snapshot(unbroken)  # config.json still says the first run's lr; no .lock left
 
