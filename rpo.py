@@ -254,10 +254,12 @@ TRAINING_ONLY = {"iterations", "pairs_per_question", "add_gold", "max_length", "
 def run(cfg: Config) -> list:
     """Iterative RPO: T iterations of generate → reward → pair → reference log-probs → train → evaluate."""
     model.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    cfg = model.resolved(cfg)  # --dtype auto: what this machine computes in (config.json records it)
     train_set, test_set, shots, heldout = data.load_task(cfg, cfg.seed, cfg.heldout_questions, cfg.iterations > 0)
     with RunDir(cfg, "rpo.py", "iter", grows=("iterations",)) as run_dir:  # locked: one run at a time
-        print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; {len(train_set)} {cfg.task} "
-              f"training questions × N = {cfg.samples_per_question} samples, K = {cfg.pairs_per_question} pairs each; "
+        print(f"rpo.py: Iterative RPO, T = {cfg.iterations} from M_0 = {cfg.model}; " + (
+              f"{len(train_set)} {cfg.task} training questions × N = {cfg.samples_per_question} samples, K = "
+              f"{cfg.pairs_per_question} pairs each; " if cfg.iterations else "M_0 evaluated only; ") +
               f"{len(test_set)} test questions → {cfg.out}", file=sys.stderr)
         if cfg.samples_from:  # a loss ablation on the very pairs of another run
             run_dir.copy_from(cfg.samples_from, ["iter_0/eval.json", "iter_1/samples.jsonl"], TRAINING_ONLY)

@@ -225,8 +225,8 @@ def generate(policy: Policy, prompts: list, keys: list, n: int, temperature: flo
     def sample(chunk, bar):  # one batch: its prompts prefilled once each, then their rows
         def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
             bar.set_postfix_str(f"token {step}/{cfg.max_new_tokens}", refresh=False)
-            bar.update(ended)  # redraws at most every 0.1 s
-            if step % 8 == 0:
+            bar.update(ended)  # redraws at most every mininterval (`progress_bar`)
+            if step % 8 == 0 and time.time() - bar.last_print_t >= bar.mininterval:
                 bar.refresh()
 
         distinct = list(dict.fromkeys(i for i, _ in chunk))

@@ -208,6 +208,7 @@ def evaluate(policy: Policy, cfg: Config, task, logps: list, initial: list, stag
 def run(cfg: Config) -> list:
     """sDPO: for t = 1 … T, reference = M_{t-1}, target initialised from M_{t-1}, DPO on chunk D_t."""
     model.check_model(cfg.model)  # bad input ends the run here, before anything is written
+    cfg = model.resolved(cfg)  # --dtype auto: what this machine computes in (config.json records it)
     if cfg.split == "auto":
         cfg = replace(cfg, split="given" if len(cfg.data) == cfg.steps > 1 else "random")
     pairs, files = load_pairs(cfg)

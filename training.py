@@ -18,12 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from losses import rpo_loss, sequence_logps
 from machinery import dist, memory
 from machinery.config import arg
-from machinery.resume import Stage, TrainState, batches, in_chunks, release, trainable
+from machinery.resume import Stage, TrainState, batches, in_chunks, progress_bar, release, trainable
 from model import Policy, encode_prompt, left_pad, surely_longer, with_cache
 
 METRICS = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -269,7 +268,7 @@ def train(policy: Policy, pairs: list, reference: list, cfg, stage: Stage,
     for record in state.records:  # metrics.jsonl goes on where the stopped stage left it
         stage.log(record)
     micro = dist.broadcast(pair_rows(model, encoded, range(len(pairs)), cfg, True, f"train M_{t}"))
-    bar = tqdm(total=sum(map(len, steps)), initial=sum(map(len, steps[:state.step])), desc=f"train M_{t}",
+    bar = progress_bar(total=sum(map(len, steps)), initial=sum(map(len, steps[:state.step])), desc=f"train M_{t}",
                unit="pair")  # moves every micro-batch
     saved = time.time()
 

@@ -47,6 +47,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         finally:
             action.option_strings = spellings
 
+    def _split_lines(self, text, width):  # a flag is never cut at its hyphens (--max-new-\ntokens)
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
     def _get_help_string(self, action):
         empty = action.default in ("", None, argparse.SUPPRESS) or action.default == []
         return action.help if empty else super()._get_help_string(action)
@@ -70,7 +75,7 @@ def config_parser(config_class, description: str, paper: dict | None = None):
 
     parser = Parser(config_class, description=f"{description}\n\n{config_class.__doc__ or ''}",
                     formatter_class=HelpFormatter, allow_abbrev=False,  # a typo is an error, never another flag
-                    usage="%(prog)s [options]   (every option below; --help for this list)")
+                    usage="%(prog)s [options]   (every option below)")
     own = set(vars(config_class).get("__annotations__", {}))  # the script's own fields first in --help
     parser._optionals._group_actions.sort(key=lambda action: (action.dest != "help", action.dest not in own))
     return parser
@@ -127,8 +132,11 @@ def parse_config(config_class, argv=None, presets: dict | None = None, descripti
     parser.add_argument("--config", metavar="FILE", help="JSON file of config fields (flags given here win)")
     if presets:
         parser.add_argument("--preset", choices=sorted(presets),
-                            help="a reproduction's settings: *-7b the paper's on a 7B model (QLoRA, one GPU); "
-                            "gsm8k-cpu the built-in Qwen2.5-Coder-0.5B on GSM8K, sized for 2 CPU cores")
+                            help="a reproduction's settings (flags given here win): *-7b the paper's on a 7B model "
+                            "(QLoRA, one GPU); gsm8k-cpu the built-in Qwen2.5-Coder-0.5B on GSM8K, sized for 2 CPU "
+                            "cores. Each sets: " + "; ".join(f"{name}: " + ", ".join(
+                                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                for k, v in values.items()) for name, values in sorted(presets.items())))
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for action in list(parser._actions):
         if action.dest in fields and fields[action.dest].type in (bool, bool | None):

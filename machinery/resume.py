@@ -2,6 +2,7 @@
 end (each process its share, an out-of-memory error answered by halving the rows), and training's saved state.
 
     Stage       what a running stage gives the step it runs: its label, its parts, where its records go
+    progress_bar  a stage's bar: every 0.1 s on a terminal, every 30 s into a log file
     Parts       a stage's finished parts: JSON Lines files, one per unit of work, written atomically
     in_chunks   compute over chunks of work, every P-th chunk on this process, each kept in the stage's parts as it
                 ends, halved on out-of-memory; every process's results merged
@@ -105,7 +106,7 @@ def in_chunks(todo: list, rows: int, compute: Callable, stage: Stage, unit: str,
     every process's results."""
     chunks = batches(todo, rows)
     mine, done = [key for b in dist.mine(len(chunks)) for key in chunks[b]], {}
-    with tqdm(total=len(mine), desc=stage.label, unit=unit) as bar:  # closed on a stop too, before its line
+    with progress_bar(total=len(mine), desc=stage.label, unit=unit) as bar:  # closed on a stop too, before its line
         start = 0
         while start < len(mine):
             chunk = mine[start:start + rows]
@@ -126,6 +127,12 @@ def in_chunks(todo: list, rows: int, compute: Callable, stage: Stage, unit: str,
             print(f"{stage.label}: out of memory at {len(chunk)} {unit}s at once; going on with {rows}",
                   file=sys.stderr)
     return dist.merge(done)
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A progress bar on stderr, redrawn at most every 0.1 s on a terminal and every 30 s into a file or a pipe, so
+    that a run's log gets a line every half minute, not one a token."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
 
 
 def release() -> None:

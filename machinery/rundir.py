@@ -68,6 +68,11 @@ def check_out(out: str) -> None:
         sys.exit(f"--out {out}: {parent} is a file, so no directory can be made there; give another --out")
 
 
+def before_resolved(have: dict, want: dict) -> dict:
+    """A config.json written before `--dtype auto` was resolved says "auto": it meant what this run resolves it to."""
+    return {**have, "dtype": want.get("dtype")} if have.get("dtype") == "auto" else have
+
+
 def read_config(path: str) -> dict:
     """A run directory's config.json; a damaged one (a file cut short by a full disk or a copy) is one line."""
     try:
@@ -178,7 +183,7 @@ class RunDir:
             if have.get("script") != script and finished:
                 sys.exit(f"{self.out}: holds a run of {have.get('script')}, not of {script}; give {script} its own "
                          "--out")
-            differs = config_diff(have, self.config, set(grows) | SPEED | RETIRED)
+            differs = config_diff(before_resolved(have, self.config), self.config, set(grows) | SPEED | RETIRED)
             if differs and finished:
                 sys.exit(f"{path}: this run directory holds a run with another config ({', '.join(differs)}); use "
                          "another --out, or delete the directory to start over")
@@ -393,7 +398,8 @@ class RunDir:
         path = os.path.join(source, "config.json")
         if not os.path.exists(path):
             sys.exit(f"{path}: no such file; give a run directory")
-        diff = config_diff(read_config(path), self.config, set(ignore) | SPEED | RETIRED)
+        diff = config_diff(before_resolved(read_config(path), self.config), self.config,
+                           set(ignore) | SPEED | RETIRED)
         if diff:
             sys.exit(f"{path}: its files do not fit this run; it differs in " + ", ".join(diff))
         todo = [n for n in names if not os.path.exists(os.path.join(self.out, n))]

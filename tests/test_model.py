@@ -3,6 +3,7 @@ gradients), the reference pass, training, adapters in stock PEFT, the sampler, t
 a GPU-only QLoRA run."""
 import json
 import math
+import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -506,3 +507,64 @@ def test_threads_sets_the_threads_torch_computes_with(tmp_path, monkeypatch):
     models.load_model(tiny_config(tmp_path))
     models.load_model(tiny_config(tmp_path, threads=1))
     assert calls == [1]  # 0, the default, leaves torch's own
+
+
+# --- --dtype auto, by kind of CPU -----------------------------------------------------------------------------------
+
+KINDS = {  # what torch's run-time checks and the kernel's flags say, by kind of CPU
+    "AMX (Intel Sapphire Rapids on)": (True, True, {"amx_bf16", "amx_tile", "avx512_bf16"}),
+    "AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)": (False, True, {"avx512_bf16", "avx512f"}),
+    "neither (AVX2 only)": (False, False, {"avx2"}),
+    "torch sees AMX, the kernel does not let it be used": (True, False, {"avx512f"}),
+}
+
+
+def cpu_of_kind(monkeypatch, kind):
+    amx, avx512_bf16, flags = KINDS[kind]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+
+
+@pytest.mark.parametrize("kind, native, want", [
+    ("AMX (Intel Sapphire Rapids on)", "AMX", "bfloat16"),
+    ("AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)", "AVX-512 BF16", "bfloat16"),
+    ("neither (AVX2 only)", None, "float32"),
+    ("torch sees AMX, the kernel does not let it be used", None, "float32")])
+def test_auto_is_bf16_where_the_cpu_computes_it_natively_and_float32_elsewhere(monkeypatch, kind, native, want):
+    cpu_of_kind(monkeypatch, kind)
+    cpu = torch.device("cpu")
+    assert models.cpu_bf16() == native
+    assert models.compute_dtype(rpo.Config(model="smollm2-135m"), cpu) == getattr(torch, want)
+    assert models.compute_dtype(rpo.Config(model="tiny-random"), cpu) == torch.float32  # on every kind
+    assert models.compute_dtype(rpo.Config(model="smollm2-135m", dtype="float32"), cpu) == torch.float32
+    assert models.compute_dtype(rpo.Config(model="smollm2-135m"), torch.device("cuda")) == torch.bfloat16
+
+
+def test_a_run_says_what_auto_resolved_to_and_records_that_in_its_config(monkeypatch, tmp_path, capsys):
+    cpu_of_kind(monkeypatch, "AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)")
+    assert models.resolved(rpo.Config(model="smollm2-135m")).dtype == "bfloat16"
+    assert models.auto_dtype("smollm2-135m", torch.device("cpu")) == (
+        "bfloat16", "this CPU computes bf16 natively: AVX-512 BF16")
+    cpu_of_kind(monkeypatch, "neither (AVX2 only)")
+    assert models.resolved(rpo.Config(model="smollm2-135m")).dtype == "float32"
+    assert models.resolved(rpo.Config(model="smollm2-135m", dtype="bfloat16")).dtype == "bfloat16"
+    rpo.run(tiny_config(tmp_path / "run", iterations=0, eval_k=0))
+    assert read(str(tmp_path / "run" / "config.json"))["dtype"] == "float32"
+    assert ("loading tiny-random, computing in float32 (tiny-random, the tests' model, computes in float32 on every "
+            "CPU)") in capsys.readouterr().err
+
+
+def test_a_run_directory_of_before_records_auto_and_goes_on(full_run, tmp_path, capsys):
+    """config.json of a run from before `auto` was resolved says "auto": the run goes on, and records the dtype."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    config = read(str(out / "config.json"))
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "auto"}, indent=2) + "\n")
+    rpo.run(tiny_config(out, iterations=3, eval_k=2))
+    assert read(str(out / "config.json"))["dtype"] == "float32" and (out / "iter_3" / "eval.json").exists()
+
+
+def test_the_cpu_flags_are_read_from_the_kernel():
+    flags = models.cpu_flags()
+    assert flags is None or (isinstance(flags, set) and ("avx2" in flags or "avx" in flags or "sse2" in flags))

@@ -261,7 +261,8 @@ def test_a_byte_order_mark_is_read(tmp_path):
 
 def test_a_bad_byte_is_still_named_by_its_line_and_column_after_a_byte_order_mark(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"question": "ok", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 1"}\n')
+    path.write_bytes(b'\xef\xbb\xbf{"question": "ok", "answer": "#### 1"}\n'
+                     b'{"question": "caf\xe9", "answer": "#### 1"}\n')
     with pytest.raises(data.DataError, match=r"train\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
         data.load_examples("gsm8k", str(path))
 

@@ -61,7 +61,9 @@ def header(title: str) -> str:
     import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} " \
-        f"cores, {torch.get_num_threads()} torch threads, bf16 matrix units: {models.bf16_matrix_units()}"
+        f"cores, {torch.get_num_threads()} torch threads, native bf16: {models.cpu_bf16() or 'none'}" + (
+        f" (oneDNN capped at ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']})"
+        if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
     return (f"### {title}\n\n{time.strftime('%Y-%m-%d')}, commit {commit}, {device}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}\n")
 
