@@ -48,8 +48,9 @@ class ModelConfig:
                      "converted once into the cache), a local model folder, or a Hugging Face model id")
     load_in_4bit: bool | None = arg(None, "QLoRA: NF4 base weights with double quantisation; default: on with CUDA")
     dtype: str = arg("auto", "compute dtype of the frozen model, its activations and its KV cache (the output head "
-                     "computes in float32, LoRA weights are float32): auto = bfloat16 on CUDA and on a CPU with AMX or "
-                     "AVX-512 BF16, else float32 (the run's first lines say which, config.json records it)",
+                     "computes in float32, LoRA weights are float32): auto = bfloat16 on CUDA and where a CPU was "
+                     "measured faster in it (AMX; AVX-512 BF16 on AMD), else float32 (the run's first lines say "
+                     "which, config.json records it)",
                      choices=("auto", "bfloat16", "float16", "float32"))
     lora_r: int = arg(16, "LoRA rank", min=1)
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", above=0)
@@ -363,17 +364,24 @@ def compute_dtype(cfg: ModelConfig, device) -> torch.dtype:
 
 
 def auto_dtype(name: str, device) -> tuple[str, str]:
-    """(dtype, why) of `--dtype auto`: bfloat16 on CUDA; on a CPU bfloat16 where torch's CPU backend computes it
-    natively (AMX tiles or AVX-512 BF16 dot products: measured faster in every stage, docs/BENCHMARKS.md), float32
-    where neither is there (bf16 would be emulated). The tests' tiny model stays float32 on every CPU: 64 wide, it
-    gains nothing, and its tests compare runs exactly."""
+    """(dtype, why) of `--dtype auto`, by kind of machine, as measured (docs/BENCHMARKS.md, "bf16 on a CPU"):
+    bfloat16 on CUDA; on a CPU with AMX bfloat16 (every stage 1.0-1.6x float32's speed); on an AMD CPU with AVX-512
+    BF16 (Zen 4 and later) bfloat16 (sampling 1.4-1.8x, as reported on a Zen 4; its reference pass and training not
+    measured yet); on an Intel CPU with AVX-512 BF16 but no AMX float32 (with AMX switched off, bf16's reference pass
+    and training ran at 0.72-0.78x float32's speed, its sampling at 0.92-1.05x); float32 where neither is there (bf16
+    would be emulated). The tests' tiny model stays float32 on every CPU: it gains nothing, and its tests compare runs
+    exactly."""
     if device.type == "cuda":
         return "bfloat16", "CUDA"
     if name == "tiny-random":
         return "float32", "tiny-random, the tests' model, computes in float32 on every CPU"
-    native = cpu_bf16()
-    if native:
-        return "bfloat16", f"this CPU computes bf16 natively: {native}"
+    native, vendor = cpu_bf16(), (cpu_info() or ("", set()))[0]
+    if native == "AMX":
+        return "bfloat16", "this CPU computes bf16 natively: AMX"
+    if native == "AVX-512 BF16" and vendor == "AuthenticAMD":
+        return "bfloat16", "this CPU computes bf16 natively: AVX-512 BF16 on AMD"
+    if native == "AVX-512 BF16":
+        return "float32", "AVX-512 BF16 without AMX on this Intel CPU: bf16 measured slower in training"
     return "float32", "this CPU has neither AMX nor AVX-512 BF16: bf16 would be emulated, and slower"
 
 
@@ -386,7 +394,7 @@ def resolved(cfg):
 def cpu_bf16() -> str | None:
     """What computes bf16 natively on this CPU, as torch's CPU backend detects it at run time (on Linux, the
     kernel's flags must agree): "AMX" (bf16 matrix tiles), "AVX-512 BF16" (bf16 dot products), or None."""
-    flags = cpu_flags()
+    flags = (cpu_info() or ("", None))[1]
     for probe, flag, name in (("_is_amx_tile_supported", "amx_bf16", "AMX"),
                               ("_is_avx512_bf16_supported", "avx512_bf16", "AVX-512 BF16")):
         detect = getattr(torch.cpu, probe, None)
@@ -399,13 +407,16 @@ def cpu_bf16() -> str | None:
     return None
 
 
-def cpu_flags() -> set | None:
-    """The CPU's flags as the Linux kernel lists them (/proc/cpuinfo), or None where there is no such file."""
+def cpu_info() -> tuple[str, set] | None:
+    """(vendor, flags) of the CPU as the Linux kernel lists them (/proc/cpuinfo), or None where there is no such
+    file."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            lines = [line.split(":", 1) for line in f if ":" in line]
     except OSError:
         return None
+    vendor = next((v.strip() for k, v in lines if k.strip() == "vendor_id"), "")
+    return vendor, {flag for k, v in lines if k.strip() == "flags" for flag in v.split()}
 
 
 def float32_head(model):

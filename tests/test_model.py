@@ -511,41 +511,44 @@ def test_threads_sets_the_threads_torch_computes_with(tmp_path, monkeypatch):
 
 # --- --dtype auto, by kind of CPU -----------------------------------------------------------------------------------
 
-KINDS = {  # what torch's run-time checks and the kernel's flags say, by kind of CPU
-    "AMX (Intel Sapphire Rapids on)": (True, True, {"amx_bf16", "amx_tile", "avx512_bf16"}),
-    "AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)": (False, True, {"avx512_bf16", "avx512f"}),
-    "neither (AVX2 only)": (False, False, {"avx2"}),
-    "torch sees AMX, the kernel does not let it be used": (True, False, {"avx512f"}),
+KINDS = {  # what torch's run-time checks and the kernel say, by kind of CPU
+    "Intel with AMX (Sapphire Rapids on)": (True, True, "GenuineIntel", {"amx_bf16", "amx_tile", "avx512_bf16"}),
+    "AMD with AVX-512 BF16 (Zen 4 on)": (False, True, "AuthenticAMD", {"avx512_bf16", "avx512f"}),
+    "Intel with AVX-512 BF16, no AMX (Cooper Lake)": (False, True, "GenuineIntel", {"avx512_bf16", "avx512f"}),
+    "neither (AVX2 only)": (False, False, "AuthenticAMD", {"avx2"}),
+    "torch sees AMX, the kernel does not let it be used": (True, False, "GenuineIntel", {"avx512f"}),
 }
 
 
 def cpu_of_kind(monkeypatch, kind):
-    amx, avx512_bf16, flags = KINDS[kind]
+    amx, avx512_bf16, vendor, flags = KINDS[kind]
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(models, "cpu_info", lambda: (vendor, flags))
 
 
 @pytest.mark.parametrize("kind, native, want", [
-    ("AMX (Intel Sapphire Rapids on)", "AMX", "bfloat16"),
-    ("AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)", "AVX-512 BF16", "bfloat16"),
+    ("Intel with AMX (Sapphire Rapids on)", "AMX", "bfloat16"),
+    ("AMD with AVX-512 BF16 (Zen 4 on)", "AVX-512 BF16", "bfloat16"),
+    ("Intel with AVX-512 BF16, no AMX (Cooper Lake)", "AVX-512 BF16", "float32"),
     ("neither (AVX2 only)", None, "float32"),
     ("torch sees AMX, the kernel does not let it be used", None, "float32")])
-def test_auto_is_bf16_where_the_cpu_computes_it_natively_and_float32_elsewhere(monkeypatch, kind, native, want):
+def test_auto_is_bf16_where_it_was_measured_faster_and_float32_elsewhere(monkeypatch, kind, native, want):
     cpu_of_kind(monkeypatch, kind)
     cpu = torch.device("cpu")
     assert models.cpu_bf16() == native
     assert models.compute_dtype(rpo.Config(model="smollm2-135m"), cpu) == getattr(torch, want)
     assert models.compute_dtype(rpo.Config(model="tiny-random"), cpu) == torch.float32  # on every kind
     assert models.compute_dtype(rpo.Config(model="smollm2-135m", dtype="float32"), cpu) == torch.float32
+    assert models.compute_dtype(rpo.Config(model="smollm2-135m", dtype="bfloat16"), cpu) == torch.bfloat16
     assert models.compute_dtype(rpo.Config(model="smollm2-135m"), torch.device("cuda")) == torch.bfloat16
 
 
 def test_a_run_says_what_auto_resolved_to_and_records_that_in_its_config(monkeypatch, tmp_path, capsys):
-    cpu_of_kind(monkeypatch, "AVX-512 BF16, no AMX (AMD Zen 4, Intel Cooper Lake)")
+    cpu_of_kind(monkeypatch, "AMD with AVX-512 BF16 (Zen 4 on)")
     assert models.resolved(rpo.Config(model="smollm2-135m")).dtype == "bfloat16"
     assert models.auto_dtype("smollm2-135m", torch.device("cpu")) == (
-        "bfloat16", "this CPU computes bf16 natively: AVX-512 BF16")
+        "bfloat16", "this CPU computes bf16 natively: AVX-512 BF16 on AMD")
     cpu_of_kind(monkeypatch, "neither (AVX2 only)")
     assert models.resolved(rpo.Config(model="smollm2-135m")).dtype == "float32"
     assert models.resolved(rpo.Config(model="smollm2-135m", dtype="bfloat16")).dtype == "bfloat16"
@@ -565,6 +568,6 @@ def test_a_run_directory_of_before_records_auto_and_goes_on(full_run, tmp_path, 
     assert read(str(out / "config.json"))["dtype"] == "float32" and (out / "iter_3" / "eval.json").exists()
 
 
-def test_the_cpu_flags_are_read_from_the_kernel():
-    flags = models.cpu_flags()
-    assert flags is None or (isinstance(flags, set) and ("avx2" in flags or "avx" in flags or "sse2" in flags))
+def test_the_cpu_vendor_and_flags_are_read_from_the_kernel():
+    info = models.cpu_info()
+    assert info is None or (info[0] in ("GenuineIntel", "AuthenticAMD") and "sse2" in info[1])
