@@ -143,6 +143,10 @@ class RunDir:
         # The directory's own path is not part of its config: a moved run directory still resumes.
         self.config = {"script": script, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}}
         check_out(self.out)
+        link = links_out(self.out) if os.path.isdir(self.out) else None
+        if link:  # before the lock too: a planted .lock link would have its target truncated
+            sys.exit(f"{link}: a symbolic link out of the run directory; a run writes and removes files inside its "
+                     "--out only: remove the link, or give another --out")
         self.lock, self.read_only = DirectoryLock(self.out), ""
         if dist.is_main():
             try:  # before the config is read: a second run into the directory is refused here
@@ -152,10 +156,6 @@ class RunDir:
                     raise
                 self.read_only = e.strerror
         try:
-            link = links_out(self.out) if os.path.isdir(self.out) else None
-            if link:
-                sys.exit(f"{link}: a symbolic link out of the run directory; a run writes and removes files inside "
-                         "its --out only: remove the link, or give another --out")
             self.check_config(script, grows)
             self.manifest = self.read_record(MANIFEST, manifest_shape)
             self.inputs = self.read_record(INPUTS, inputs_shape)

@@ -73,11 +73,13 @@ def test_a_file_of_the_run_naming_a_path_outside_it_is_refused_and_nothing_is_re
     assert snapshot(out) == before  # nothing removed or written inside either, the lock file gone again
 
 
-def test_a_symbolic_link_out_of_the_run_directory_is_refused_before_anything_is_written(out, tmp_path):
+@pytest.mark.parametrize("link, target", [("iter_2", "victimdir"),  # where iteration 2 would write its samples
+                                          (".lock", "victim.txt")])  # what the lock would truncate
+def test_a_symbolic_link_out_of_the_run_directory_is_refused_before_anything_is_written(out, tmp_path, link, target):
     victims(tmp_path)
-    os.symlink(tmp_path / "victimdir", out / "iter_2")  # where iteration 2 would write its samples
-    with pytest.raises(SystemExit, match=r"iter_2 -> .*victimdir: a symbolic link out of the run directory; a run "
-                                         "writes and removes files inside its --out only"):
+    os.symlink(tmp_path / target, out / link)
+    with pytest.raises(SystemExit, match=rf"{re.escape(link)} -> .*{target}: a symbolic link out of the run "
+                                         "directory; a run writes and removes files inside its --out only"):
         rpo.main([*FLAGS, "--iterations", "2", "--out", str(out)])
     assert victims_intact(tmp_path) and os.listdir(tmp_path / "victimdir") == ["precious.txt"]
 
