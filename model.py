@@ -407,9 +407,10 @@ def cpu_bf16() -> str | None:
     return None
 
 
+@functools.cache
 def cpu_info() -> tuple[str, set] | None:
     """(vendor, flags) of the CPU as the Linux kernel lists them (/proc/cpuinfo), or None where there is no such
-    file."""
+    file; read once a process."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             lines = [line.split(":", 1) for line in f if ":" in line]

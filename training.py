@@ -183,11 +183,10 @@ def accumulate(model, encoded: list, reference: list, mine: list, total: int, cf
                                                                    lengths, cfg.beta, cfg.alpha)  # Eq. 1
         losses = nll if getattr(cfg, "sft", False) else eq1  # STaR: the NLL term alone
         (losses.sum() / total).backward()
+        margins = chosen_rewards - rejected_rewards
         values = {"loss": losses, "loss/dpo": dpo, "loss/nll": nll, "rewards/chosen": chosen_rewards,
-                  "rewards/rejected": rejected_rewards,
-                  "rewards/accuracies": accuracies(chosen_rewards - rejected_rewards, tied),
-                  "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
-                  "logps/rejected": rejected}
+                  "rewards/rejected": rejected_rewards, "rewards/accuracies": accuracies(margins, tied),
+                  "rewards/margins": margins, "logps/chosen": chosen, "logps/rejected": rejected}
         for name, value in values.items():
             sums[name] += value.detach().float().sum().item()
         bar.update(len(chunk) * dist.size())

@@ -119,8 +119,9 @@ def as_written(folder: str, rel: str) -> str | None:
         return f"{path}: missing, so {rel} cannot be checked"
     except (ValueError, UnicodeDecodeError):
         return f"{path}: damaged, so {rel} cannot be checked"
-    if manifest_shape(manifest):
-        return f"{path}: {manifest_shape(manifest)}"
+    shape = manifest_shape(manifest)
+    if shape:
+        return f"{path}: {shape}"
     want = next((files[rel] for files in manifest.values() if rel in files), None)
     if want is None:
         return f"{path}: no record of {rel}"

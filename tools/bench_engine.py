@@ -119,8 +119,8 @@ def table(args) -> None:
         for _ in range(args.repeats):
             for engine in args.engines:  # alternating, each in a fresh process
                 python = args.vllm_python if engine == "vllm" else sys.executable
-                done = subprocess.run([python, os.path.abspath(__file__), "side", "--engine", engine, "--inputs", f.name,
-                                       "--folder", folder, "--model", args.model, "--dtype", args.dtype,
+                done = subprocess.run([python, os.path.abspath(__file__), "side", "--engine", engine, "--inputs",
+                                       f.name, "--folder", folder, "--model", args.model, "--dtype", args.dtype,
                                        "--new-tokens", str(args.new_tokens), "--kv-cache-gib", str(args.kv_cache_gib),
                                        "--max-model-len", str(args.max_model_len)], capture_output=True, text=True)
                 if done.returncode:
