@@ -28,8 +28,7 @@ Where this code departs from the paper, and why:
   - Pairing when K exceeds the |G_w|·|G_l| distinct (winner, loser) combinations: every combination once, so fewer
     than K pairs; the paper's walk would repeat pairs. Past one lap, the walk shifts the loser index by one every
     lcm(|G_w|, |G_l|) steps so that it reaches new combinations instead of repeating the first lap.
-  - The cap on an iteration's pairs (`--max-pairs`, ~55-60k on GSM8K in the paper) keeps a seeded random sample of
-    them; the paper gives the cap, not how it was applied.
+  - The cap on an iteration's pairs (`--max-pairs`, ~55-60k on GSM8K in the paper) keeps a seeded random sample.
   - The first "Final answer:" of a completion is its answer (a small model may go on to invent and answer new
     questions), and sampling stops once that line is complete, or where the model starts a new "Question:" of its
     own, so the tokens after it are neither judged nor paid for.
@@ -44,8 +43,7 @@ Where this code departs from the paper, and why:
   - The gold solution added to the winners (`--add-gold`, GSM8K) is written in the prompt's format: GSM8K's
     reasoning without its <<calculator>> annotations, then "Final answer: <gold>" in place of "#### <gold>". It is
     the first winner of the walk, so every question with a loser pairs it at least once (the paper does not say
-    where it goes; last, it would go unpaired whenever K ≤ the model's own right samples, as with 12 of 30 right
-    at K = 10).
+    where it goes; last, it would go unpaired whenever K ≤ the model's own right samples).
   - Prompts are sent as one user message through the model's chat template when it has one (the paper used
     Llama-2-70B-Chat and does not say how it wrapped the prompt); a model without a template gets the plain text.
   - MATH's 4 fixed shots are the first 4 examples of the training file, which are then not trained on (the paper
@@ -57,13 +55,13 @@ Where this code departs from the paper, and why:
     nor clipping); paged 8-bit AdamW from bitsandbytes on CUDA. LoRA dropout defaults to 0 so that the policy's
     log-probs equal the reference's at step 0 (loss = log 2 + α·NLL).
   - The default is the embedded SmolLM2-135M-Instruct on built-in arithmetic word problems: no download.
+  - `--engine vllm` samples and evaluates on vLLM (`machinery/engine.py`) from M_{t-1} merged into one copy (under
+    QLoRA its NF4 weights dequantised), each sample with its own seed; its samples are not the own loop's (other
+    kernels round otherwise). Held-out checkpoints are scored by the own loop, the default and the reference.
 
-Run directory: config.json, manifest.json, metrics.jsonl, iter_0/eval.json (M_0), and for each iteration iter_t/
-with samples.jsonl, stats.json, pairs.jsonl, reference.jsonl, adapter/ (PEFT format), train_log.jsonl, eval.json.
-Every file is written atomically; running the same command again resumes where the run stopped, inside a stage
-too (a running stage keeps its finished parts in `<file>.parts/`), each finished stage checked against the record
-of its files in manifest.json; one run at a time holds the directory. Sample n of question x draws from a random
-stream of its own, seeded by the stage, x's id and n: the batch it ran in never changes it.
+Run directory: config.json, iter_0/eval.json (M_0), and per iteration iter_t/ with samples.jsonl, stats.json,
+pairs.jsonl, reference.jsonl, adapter/ (PEFT format), train_log.jsonl, eval.json; the same command again resumes
+(docs/USAGE.md). Sample n of question x draws from a random stream of its own, seeded by the stage, x's id and n.
 """
 import math
 import random
@@ -80,7 +78,7 @@ from machinery.cli import DataError, main as command_line
 from machinery.clock import rpo_stages
 from machinery.config import RunConfig, arg
 from machinery.resume import Stage
-from machinery.results import rpo_table, run_rows
+from machinery.results import no_pairs, rpo_table, run_rows
 from machinery.rundir import RunDir
 from model import ModelConfig, Policy
 from sampling import SamplingConfig
@@ -123,13 +121,11 @@ PAPER = {"model": "Llama-2-70B-Chat", "beta": "0.1", "grad_accum": "16 pairs a s
 
 
 PRESETS = {  # the paper's settings, on a 7B chat model with QLoRA on one GPU; files from the public data sets
-    # A real GSM8K run on 2 CPU cores (bf16), sized by measurement (1 h 09 to 1 h 31 min): the built-in
-    # Qwen2.5-Coder-0.5B, 64 training questions × N = 8, K = 4, the gold added, 32 held-out questions, one iteration,
-    # the first 300 test questions. Its measured table and stage times: README, "A real benchmark".
-    "gsm8k-cpu": dict(model="qwen2.5-coder-0.5b", task="gsm8k", n_train=64, n_test=300, iterations=1,
-                      samples_per_question=8, pairs_per_question=4, temperatures=[0.8], add_gold=True,
-                      max_new_tokens=320, max_length=512, lr=1e-4, batch_size=1, grad_accum=8, epochs=1,
-                      heldout_questions=32, checkpoints=2, eval_k=0, sample_batch_size=64, out="runs/gsm8k-cpu"),
+    # A real GSM8K run on 2 CPU cores, sized by measurement: its table and stage times in README, "A real benchmark".
+    "gsm8k-cpu": dict(model="qwen2.5-coder-0.5b", task="gsm8k", n_train=96, n_test=0, iterations=1, engine="vllm",
+                      samples_per_question=8, pairs_per_question=2, temperatures=[0.8], max_new_tokens=320,
+                      max_length=512, lr=1e-4, batch_size=1, grad_accum=8, epochs=1, heldout_questions=32,
+                      checkpoints=2, eval_k=0, sample_batch_size=64, out="runs/gsm8k-cpu"),
     "gsm8k-7b": dict(model="meta-llama/Llama-2-7b-chat-hf", task="gsm8k", n_train=0, n_test=0, iterations=4,
                      samples_per_question=30, pairs_per_question=10, temperatures=[0.8, 0.8, 1.3, 1.3],
                      add_gold=True, max_pairs=60000, max_new_tokens=512, max_length=1024, lr=5e-6, batch_size=4,
@@ -272,7 +268,7 @@ def run(cfg: Config) -> list:
             return sampling.evaluate(policy, cfg, test_set, shots, stage)
 
         def heldout_accuracy(stage):  # greedy accuracy on held-out training questions, to pick a checkpoint (Sec. 3)
-            return sampling.evaluate(policy, replace(cfg, eval_k=0), heldout, shots, stage)["accuracy"]
+            return sampling.evaluate(policy, replace(cfg, eval_k=0, engine="own"), heldout, shots, stage)["accuracy"]
 
         run_dir.stage(0, "eval.json", evaluate, seed="eval")
         for t in range(1, cfg.iterations + 1):
@@ -283,7 +279,8 @@ def run(cfg: Config) -> list:
             stats, pairs = run_dir.stage(t, ("stats.json", "pairs.jsonl"), lambda stage:      # 3. pair
                                          pair_up(policy.tokenizer, cfg, samples, train_set, t))
             if not pairs:  # nothing to train M_t on: say so and end at M_{t-1}, rather than "train" on nothing
-                stopped_at(cfg, t, stats)
+                print(rpo_table(run_rows(cfg.out, t - 1), cfg.eval_k))
+                raise DataError(no_pairs(cfg, t, stats))
             reference = run_dir.stage(t, "reference.jsonl", lambda stage:                     # π_ref = M_{t-1},
                                       training.reference_logps(policy, pairs, cfg, stage))    # once
             run_dir.stage(t, "train_log.jsonl", seed="train", compute=lambda stage: training.train(  # 4. train M_t,
@@ -293,16 +290,6 @@ def run(cfg: Config) -> list:
     rows = run_rows(cfg.out, cfg.iterations)
     print(rpo_table(rows, cfg.eval_k))
     return rows
-
-
-def stopped_at(cfg: Config, t: int, stats: dict) -> None:
-    """Iteration t made no pairs: the table so far, then one line saying why and what gives pairs (exit 1)."""
-    print(rpo_table(run_rows(cfg.out, t - 1), cfg.eval_k))
-    raise DataError(
-        f"iteration {t} made no {'SFT examples' if cfg.sft else 'pairs'}: {stats['questions_with_right_and_wrong']} "
-        f"of {stats['questions']} questions had both a right and a wrong sample, {stats['truncated']} of "
-        f"{stats['samples']} samples were cut off at --max-new-tokens {cfg.max_new_tokens}; M_{t} was not trained "
-        f"and the run ends at M_{t - 1}. More --max-new-tokens, --samples-per-question or --add-gold give pairs")
 
 
 def main(argv=None) -> None:

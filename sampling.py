@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import reward
-from machinery import dist, memory
+from machinery import dist, engine, memory
 from machinery.cli import DataError
 from machinery.config import arg
 from machinery.resume import Stage, in_chunks
@@ -212,6 +212,20 @@ def generate(policy: Policy, prompts: list, keys: list, n: int, temperature: flo
     if finished and todo:
         print(f"{stage.label}: {len(finished)} of {len(prompts) * n} rows sampled before, {len(todo)} to go",
               file=sys.stderr)
+    start, computed = time.time(), [0]
+    if getattr(cfg, "engine", "own") == "vllm" and todo:  # vLLM instead of the token loop below (`machinery/engine.py`)
+        with engine.Engine(policy, cfg, stage, max(map(len, encoded)) + cfg.max_new_tokens) as vllm:  # every row's
+            def sample_on_engine(chunk, bar):
+                tokens = vllm.generate([encoded[i] for i, _ in chunk], engine_seeds(seed, keys, chunk), temperature,
+                                       cfg.max_new_tokens)
+                computed[0] += sum(map(len, tokens))
+                bar.set_postfix_str(f"{computed[0] / (time.time() - start):.0f} tok/s", refresh=False)
+                bar.update(len(chunk))
+                return {row: completion(tokenizer, out, cfg.max_new_tokens) for row, out in zip(chunk, tokens)}
+
+            finished.update(in_chunks(todo, cfg.sample_batch_size, sample_on_engine, stage, "row",
+                                      "--sample-batch-size"))
+        return [[tuple(finished[(i, s)]) for s in range(n)] for i in range(len(prompts))]
     costs, space = memory.costs(model), memory.available(cfg.memory_budget, model)
     longest = max((len(encoded[i]) for i, _ in todo), default=1)
     rows = dist.broadcast(memory.sampling_rows(costs, space, longest, cfg.max_new_tokens, n, cfg.sample_batch_size))
@@ -220,7 +234,6 @@ def generate(policy: Policy, prompts: list, keys: list, n: int, temperature: flo
                                memory.sampling_peak(costs, rows, longest, cfg.max_new_tokens, n), "row"),
               file=sys.stderr)
     model.eval()
-    start, computed = time.time(), [0]
 
     def sample(chunk, bar):  # one batch: its prompts prefilled once each, then their rows
         def progress(step, ended):  # the bar moves as rows end, and shows the batch's token step meanwhile
@@ -241,6 +254,12 @@ def generate(policy: Policy, prompts: list, keys: list, n: int, temperature: flo
 
     finished.update(in_chunks(todo, rows, sample, stage, unit="row", lower="--max-new-tokens"))
     return [[tuple(finished[(i, s)]) for s in range(n)] for i in range(len(prompts))]
+
+
+def engine_seeds(seed: int, keys: list, chunk: list) -> list:
+    """The engine's seed of each row (i, s) of a chunk: its 64-bit key (`row_keys`), to vLLM's 63 bits."""
+    halves = row_keys(seed, [keys[i] for i, _ in chunk], [s for _, s in chunk]).tolist()
+    return [(hi << 32 | lo) & (2**63 - 1) for hi, lo in halves]
 
 
 def completion(tokenizer, tokens: list, max_new_tokens: int) -> list:

@@ -20,6 +20,7 @@ Where this code departs from the paper, and why:
     preference accuracy. An optional α NLL term (Eq. 1 of arXiv 2404.19733v3) is off by default.
   - Pairs longer than --max-length tokens are dropped before the held-out draw (the paper does not say).
   - Optimisation as in rpo.py (constant learning rate, clipping at 1.0); the paper follows Zephyr's settings.
+  - Task accuracy (pairs from an rpo.py run) is measured as rpo.py measures it, with --engine vllm on vLLM.
 
 Run directory: config.json, metrics.jsonl, heldout.jsonl, step_0/ (M_0 on the held-out pairs) and step_t/ with
 pairs.jsonl (chunk D_t), reference.jsonl (log-probs under M_{t-1}), stats.json, adapter/, train_log.jsonl,
@@ -35,7 +36,8 @@ import model
 import sampling
 import training
 from data import TaskConfig
-from machinery.cli import DataError, main as command_line
+from machinery import inputs
+from machinery.cli import main as command_line
 from machinery.clock import sdpo_stages
 from machinery.config import RunConfig, arg
 from machinery.files import read
@@ -75,7 +77,9 @@ PAPER = {"model": "SOLAR-10.7B + SFT", "beta": "0.1, Zephyr's settings", "max_le
 @dataclass
 class RpoTask(SamplingConfig, TaskConfig):
     """The task of the rpo.py run the pairs came from, as it sampled and evaluated it (the memory: this run's)."""
-    memory_budget: float = 0.0
+    memory_budget: float = 0.0  # this run's, as are the two below: sdpo.py follows no path from a found config
+    engine: str = "own"
+    vllm_python: str = ""
 
 
 # =================================================================================================================
@@ -119,69 +123,18 @@ def heldout_eval(logps: list, initial: list, t: int) -> dict:
 # =================================================================================================================
 # Inputs: the pairs, and the task of the rpo.py run they came from
 
-def load_pairs(cfg: Config):
-    """(pairs, the file of each pair); DataError on bad input, SystemExit on a bad combination of flags."""
-    if not cfg.data:
-        sys.exit("sdpo.py: give the preference data with --data FILE [FILE ...]")
-    if cfg.split == "given" and len(cfg.data) != cfg.steps:
-        sys.exit(f"sdpo.py: --split given takes one file per step: {len(cfg.data)} files for --steps {cfg.steps}")
-    if cfg.split == "given" and len(set(cfg.data)) < len(cfg.data):
-        sys.exit(f"sdpo.py: --split given takes one file per step, each once: {' '.join(cfg.data)}")
-    return data.load_preference_files(cfg.data)
-
-
-def check_steps(cfg: Config, files: list, keep: set, held: set, pool: list) -> None:
-    """DataError unless every step gets pairs to train on: with --split given, a file whose pairs were all dropped
-    (longer than --max-length) or drawn into --heldout is named."""
-    if cfg.split != "given":
-        if len(pool) < cfg.steps:
-            raise DataError(f"--steps {cfg.steps}: only {len(pool)} pairs are left to train on after --heldout "
-                            f"{cfg.heldout}; give more pairs, fewer steps or a smaller --heldout")
-        return
-    left = {files[i] for i in pool}
-    for t, path in enumerate(cfg.data, start=1):
-        if path not in left:
-            mine = [i for i, f in enumerate(files) if f == path]
-            raise DataError(
-                f"{path}: none of its {len(mine)} pairs is left for step {t} ({sum(i not in keep for i in mine)} "
-                f"longer than --max-length {cfg.max_length}, {sum(i in held for i in mine)} drawn into --heldout "
-                f"{cfg.heldout}); give a larger --max-length, a smaller --heldout, or another --split")
-
-
 def rpo_task(cfg: Config):
-    """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run:
-    the config.json given by --task-config, or one found beside the pairs (runs/x/iter_1/pairs.jsonl ->
-    runs/x/config.json) whose task reads no file. A path is followed only from a file the user named: a found config
-    that names data files is not used, and a line says how to use it. Else None."""
-    def rpo_config(path: str) -> dict | None:  # the config.json of an rpo.py run, or None
-        try:
-            config = read(path) if os.path.isfile(path) else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); the config.json of an rpo.py run "
-                            "was expected") from None
-        return config if isinstance(config, dict) and config.get("script") == "rpo.py" else None
-
-    if cfg.task_config and rpo_config(cfg.task_config) is None:
-        raise DataError(f"--task-config {cfg.task_config}: not the config.json of an rpo.py run")
-    paths = [cfg.task_config] if cfg.task_config else [
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(p))), "config.json") for p in cfg.data]
-    for path in paths:
-        config = rpo_config(path)
-        if config is None:
-            continue
-        files = [config.get(k) for k in ("train_file", "test_file") if config.get(k)]
-        if files and not cfg.task_config:
-            print(f"sdpo.py: {path}, found beside --data, names the files of its task ({', '.join(map(str, files))}); "
-                  f"a path is followed only from a file you name: give --task-config {path} to measure task "
-                  "accuracy on its test split. Going on without it", file=sys.stderr)
-            return None
-        saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
-        task = RpoTask(**saved | {"memory_budget": cfg.memory_budget})  # this run's memory, not the rpo.py run's
-        test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
-        print(f"sdpo.py: task accuracy on the test split of the rpo.py run in {os.path.dirname(path)} ({task.task}, "
-              f"{len(test)} questions{', from ' + task.test_file if task.test_file else ''})", file=sys.stderr)
-        return config, task, test, shots, os.path.dirname(path)
-    return None
+    """(the rpo.py run's config, its task, test examples, shots, directory) when the pairs come from an rpo.py run
+    (`inputs.rpo_config`: named by --task-config, or found beside the pairs); else None."""
+    config, path = inputs.rpo_config(cfg.task_config, cfg.data)
+    if config is None:
+        return None
+    saved = {f.name: config[f.name] for f in fields(RpoTask) if f.name in config}
+    task = RpoTask(**saved | {k: getattr(cfg, k) for k in ("memory_budget", "engine", "vllm_python")})
+    test, shots = data.load_task(task, config["seed"], config.get("heldout_questions", 0))[1:3]
+    print(f"sdpo.py: task accuracy on the test split of the rpo.py run in {os.path.dirname(path)} ({task.task}, "
+          f"{len(test)} questions{', from ' + task.test_file if task.test_file else ''})", file=sys.stderr)
+    return config, task, test, shots, os.path.dirname(path)
 
 
 def evaluate(policy: Policy, cfg: Config, task, logps: list, initial: list, stage: Stage) -> dict:
@@ -211,7 +164,8 @@ def run(cfg: Config) -> list:
     cfg = model.resolved(cfg)  # --dtype auto: what this machine computes in (config.json records it)
     if cfg.split == "auto":
         cfg = replace(cfg, split="given" if len(cfg.data) == cfg.steps > 1 else "random")
-    pairs, files = load_pairs(cfg)
+    inputs.check_files(cfg.data, cfg.split, cfg.steps)  # one line before any work, as are the checks below
+    pairs, files = data.load_preference_files(cfg.data)
     task = rpo_task(cfg)
     same = {i for i, p in enumerate(pairs) if p["chosen"] == p["rejected"]}  # no DPO gradient: dropped, counted
     if same:
@@ -231,7 +185,7 @@ def run(cfg: Config) -> list:
             sys.exit(f"sdpo.py: {len(keep)} pairs are too few for --heldout {cfg.heldout} and training")
         held = set(random.Random(f"{cfg.seed}-heldout").sample(keep, cfg.heldout))
         pool = [i for i in keep if i not in held]
-        check_steps(cfg, files, set(keep), held, pool)  # every step has pairs, or one line before any work
+        inputs.check_steps(cfg, files, set(keep), held, pool)  # every step has pairs
         heldout = run_dir.stage(None, "heldout.jsonl", lambda stage: [pairs[i] for i in keep if i in held])
         run_dir.expect(sdpo_stages(cfg, task, [pairs[i] for i in pool], len(held)))
         initial = run_dir.stage(0, "heldout_logps.jsonl", lambda stage:                       # M_0 on the held-out

@@ -203,9 +203,11 @@ def main(run: Callable, config_class, argv=None, presets: dict | None = None, de
     cfg = parse_config(config_class, argv, presets, description, paper)
 
     script = os.path.basename(run.__code__.co_filename)
+    from machinery import engine  # it raises this module's DataError
 
     def checked():
         try:
+            engine.check(cfg)  # --engine vllm can run: before any work
             run(cfg)
         except DataError as e:
             sys.exit(f"{script}: error: {e}")

@@ -11,7 +11,7 @@ from machinery.trackers import REPORT_TO
 
 # Settings of speed (and of where metrics also go) alone: no sample, score or step depends on them, so a run may
 # resume with other values.
-SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "report_to", "threads"}
+SPEED = {"sample_batch_size", "memory_budget", "save_minutes", "report_to", "threads", "vllm_python"}
 
 
 def arg(default, help: str, **metadata):
@@ -34,3 +34,8 @@ class RunConfig:
     report_to: list[str] = arg(["none"], "trackers the metrics also go to (TRL's flag): none, tensorboard, trackio, "
                                "wandb, several allowed; each is its own package (pip install tensorboard, trackio, "
                                "wandb)", choices=REPORT_TO, min_items=1)
+    engine: str = arg("own", "what samples and evaluates: own = this project's token loop (the reference), vllm = "
+                      "vLLM on a merged copy of the policy, in a process of its own (pip install \".[vllm]\"; "
+                      "README, \"Sampling with vLLM\")", choices=("own", "vllm"))
+    vllm_python: str = arg("", "with --engine vllm: the Python of an environment that has vLLM (it pins its own "
+                           "transformers), default this one")

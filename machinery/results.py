@@ -5,6 +5,7 @@ closing table, the HTML report and the plots alike.
     run_rows(run)       per iteration (step): its stats, its checkpoint, its evaluation, the questions gained and lost
                         against M_0 and against the one before (`flips`)
     rpo_table, sdpo_table   the table each script prints (markdown)
+    no_pairs(cfg, t, stats) the line that ends an rpo.py run whose iteration t made no pairs
 """
 import glob
 import math
@@ -108,3 +109,12 @@ def sdpo_table(rows: list) -> str:
         f"{100 * r['eval']['heldout/reward_accuracy']:.1f}" if r["t"] else "-",
         f"{100 * r['eval']['accuracy']:.1f}" if "accuracy" in r["eval"] else "-", versus(r["versus_m0"])]
         for r in rows])
+
+
+def no_pairs(cfg, t: int, stats: dict) -> str:
+    """Why iteration t made no pairs (its stats.json), and what gives pairs: the line that ends the run at M_{t-1}."""
+    return (f"iteration {t} made no {'SFT examples' if cfg.sft else 'pairs'}: "
+            f"{stats['questions_with_right_and_wrong']} of {stats['questions']} questions had both a right and a wrong "
+            f"sample, {stats['truncated']} of "
+            f"{stats['samples']} samples were cut off at --max-new-tokens {cfg.max_new_tokens}; M_{t} was not trained "
+            f"and the run ends at M_{t - 1}. More --max-new-tokens, --samples-per-question or --add-gold give pairs")

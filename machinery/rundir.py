@@ -68,8 +68,14 @@ def check_out(out: str) -> None:
         sys.exit(f"--out {out}: {parent} is a file, so no directory can be made there; give another --out")
 
 
+# Fields added since a config.json may have been written, and the value its run had: the default.
+ADDED = {"engine": "own"}
+
+
 def before_resolved(have: dict, want: dict) -> dict:
-    """A config.json written before `--dtype auto` was resolved says "auto": it meant what this run resolves it to."""
+    """A config.json written before `--dtype auto` was resolved says "auto": it meant what this run resolves it to;
+    one written before a field was added (`ADDED`) meant its default."""
+    have = {**{k: v for k, v in ADDED.items() if k in want}, **have}
     return {**have, "dtype": want.get("dtype")} if have.get("dtype") == "auto" else have
 
 

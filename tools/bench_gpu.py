@@ -7,6 +7,10 @@
     python bench_gpu.py --what sampler        the sampler candidates (tools/samplers.py) at 16, 32, 64 and 53 rows
                                               (53: the 24 GiB plan): tokens/s, ms a step, peak, share of the bandwidth
                                               floor, hours a GSM8K iteration
+    python bench_gpu.py --what engine         `--engine vllm` (machinery/engine.py) at --rows rows: the merged bf16
+                                              copy written, vLLM started (its own process), --sampler-steps tokens a
+                                              row sampled at T = 0.8: tokens/s and the stage's seconds (needs vLLM
+                                              installed where the lease runs; --shape smollm2 checks it on a CPU)
     python bench_gpu.py --shape tiny --caps 0.05 --margin 0    the same on the tiny Llama, on a CPU: a check of it
 
 Random weights never end a row, so every row runs its full length; a stage is measured as its first batch, after a
@@ -37,8 +41,9 @@ from tools.samplers import BANDWIDTH, run_sampler, timed  # noqa: E402
 
 def model_of(shape: str):
     """The policy as `model.load_model` makes it: NF4 + LoRA, bf16 compute, gradient checkpointing (the presets)."""
-    if shape == "tiny":
-        return models.load_model(rpo.Config(model="tiny-random", gradient_checkpointing=True)).model
+    if shape in ("tiny", "smollm2"):
+        name = "tiny-random" if shape == "tiny" else "smollm2-135m"
+        return models.load_model(rpo.Config(model=name, gradient_checkpointing=True))
     from transformers import LlamaForCausalLM
 
     path = os.path.join(models.CACHE, "llama-2-7b-shape")
@@ -47,7 +52,29 @@ def model_of(shape: str):
             LlamaForCausalLM(bench.llama2_7b_config()).to(torch.bfloat16).save_pretrained(path)
         models.tiny_random()[1].save_pretrained(path)  # any tokenizer: the benchmark feeds token ids
         torch.cuda.empty_cache()
-    return models.load_model(rpo.Config(model=path, load_in_4bit=True, gradient_checkpointing=True)).model
+    return models.load_model(rpo.Config(model=path, load_in_4bit=True, gradient_checkpointing=True))
+
+
+def run_engine(policy, rows_list: list, prompt: int, new_tokens: int, vllm_python: str) -> list:
+    """`--engine vllm` as a stage runs it, at each number of rows: [rows, tokens, tokens/s of the sampling, seconds
+    of the stage (the merged copy, the engine's start, the sampling)]."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from machinery import engine
+
+    table = []
+    for rows in rows_list:
+        cfg = SimpleNamespace(vllm_python=vllm_python)
+        ids = torch.randint(3, policy.model.config.vocab_size, (rows, prompt)).tolist()
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.time()
+            with engine.Engine(policy, cfg, Stage(f"engine, {rows} rows", folder=folder), prompt + new_tokens) as vllm:
+                sampling = time.time()
+                tokens = sum(map(len, vllm.generate(ids, list(range(rows)), 0.8, new_tokens)))
+                sampling = time.time() - sampling
+            table.append([rows, tokens, f"{tokens / sampling:.0f}", f"{time.time() - start:.1f}"])
+    return table
 
 
 def run_stage(model, stage: tuple, budget: float, steps: int, vocab: int) -> list:
@@ -104,20 +131,27 @@ def run_stage(model, stage: tuple, budget: float, steps: int, vocab: int) -> lis
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=("llama-2-7b", "tiny"), default="llama-2-7b")
+    parser.add_argument("--shape", choices=("llama-2-7b", "tiny", "smollm2"), default="llama-2-7b")
     parser.add_argument("--presets", nargs="+", default=["gsm8k-7b", "math-7b"])
     parser.add_argument("--caps", type=float, nargs="+", default=[24, 12], help="GiB the process may allocate")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed a sampling stage")
     parser.add_argument("--margin", type=float, default=memory.MARGIN / memory.GiB,
                         help="GiB of the cap left out of --memory-budget (the default's margin)")
-    parser.add_argument("--what", nargs="+", choices=("stages", "sampler"), default=["stages", "sampler"])
+    parser.add_argument("--what", nargs="+", choices=("stages", "sampler", "engine"), default=["stages", "sampler"])
+    parser.add_argument("--vllm-python", default="", help="--what engine: the interpreter that has vLLM")
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64, 53],
                         help="rows of the sampler candidates (53: what the 24 GiB plan picks for gsm8k-7b)")
     parser.add_argument("--sampler-steps", type=int, default=64, help="tokens each row samples")
     args = parser.parse_args(argv)
-    if args.shape != "tiny" and not torch.cuda.is_available():
+    if args.shape == "llama-2-7b" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (or --shape tiny for a check of the script on a CPU)")
-    model = model_of(args.shape)
+    policy = model_of(args.shape)
+    model = policy.model
+    if "engine" in args.what:
+        table = run_engine(policy, args.rows, bench.LONGEST_PROMPT["gsm8k"], args.sampler_steps, args.vllm_python)
+        print(bench.header(f"--engine vllm, {args.shape} merged into bf16, prompts of "
+                           f"{bench.LONGEST_PROMPT['gsm8k']} tokens, {args.sampler_steps} tokens a row, T = 0.8"))
+        print(markdown_table(["rows", "tokens", "tokens/s (sampling)", "stage s (copy + start + sampling)"], table))
     vocab = model.config.vocab_size
     resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else memory.resident(model)
     if "sampler" in args.what:

@@ -96,9 +96,9 @@ def test_the_engine_benchmark_prints_its_table_for_the_own_loop():
     if not os.path.exists(os.path.join(DATA, "gsm8k", "test.jsonl")):
         pytest.skip(f"{DATA}/gsm8k is absent: the published data sets sit in ../shared/data beside the project")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_engine.py"), "--engines", "own",
-                           "--model", "tiny-random", "--dtype", "float32", "--prompts", "3", "--new-tokens", "6",
+                           "--model", "tiny-random", "--dtypes", "float32", "--prompts", "3", "--new-tokens", "6",
                            "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 GSM8K test prompts at once, up to 6 new tokens" in done.stdout
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| own |"))
-    assert row.endswith("| 3 / 3 |")  # alike with itself
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| own | float32 |"))
+    assert row.endswith("| 3 / 3 |")  # equal to itself
