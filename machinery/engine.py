@@ -160,7 +160,8 @@ class Engine:
                     "max_model_len": self.max_model_len, "enforce_eager": device.type != "cuda", "parent": os.getpid()}
         quiet = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR",
                  "VLLM_CPU_KVCACHE_SPACE": "2"}  # vLLM's errors and tracebacks still show; each may be set
-        env = {**quiet, **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in the worker itself
+        env = {**quiet, **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker itself
+               "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}  # it reads a local copy and sends nothing anywhere
         if device.type == "cuda":
             free, whole = torch.cuda.mem_get_info(device)
             settings["gpu_memory_utilization"] = round(max(0.05, (free - GiB) / whole), 3)
