@@ -25,7 +25,7 @@ import model
 import reward
 import rpo
 import sampling
-from conftest import ROOT, assert_same_files, kill_and_resume_script, snapshot
+from conftest import ROOT, kill_and_resume_script, snapshot
 from machinery import engine
 from machinery.resume import Stage
 
@@ -154,8 +154,8 @@ def test_greedy_completions_on_the_engine_are_the_own_loops_and_follow_the_adapt
 @needs_vllm
 def test_a_run_killed_inside_an_engine_stage_resumes_to_the_files_of_one_never_stopped(tmp_path):
     """Killed (SIGKILL) once the first of the sampling stage's two chunks is kept: the same command samples only the
-    second, and the run ends with the files of one never stopped: the samples byte for byte (each sample's seed is
-    its own; the chunks are the same), the rest as two unbroken runs agree."""
+    second, and the run ends with the files of one never stopped, byte for byte (each sample's seed is its own; the
+    chunks are the same)."""
     flags = ["--model", "smollm2-135m", "--dtype", "float32", "--engine", "vllm", "--vllm-python", vllm_python(),
              "--n-train", "4", "--n-test", "4", "--samples", "4", "--pairs", "2", "--max-new-tokens", "48",
              "--eval-k", "0", "--add-gold", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
@@ -176,13 +176,10 @@ def test_a_run_killed_inside_an_engine_stage_resumes_to_the_files_of_one_never_s
     assert "iter 1: sample (T=0.8): 8 of 16 rows sampled before, 8 to go" in again.stderr
     assert not (out / "iter_1" / ".engine-model").exists()  # the killed run's merged copy is gone too
     got, want = snapshot(out), snapshot(unbroken)
-    for name in ("iter_0/eval.json", "iter_1/samples.jsonl", "iter_1/pairs.jsonl"):  # the engine's stages
-        assert got[name] == want[name], name  # byte for byte
-    # the rest as two unbroken runs agree: the process's first forward pass, the reference, rounds differently from
-    # run to run (seen: -25.7827 and -25.7847 for one log-prob, both within float32's reach of this model's
-    # activations; the same pass repeated in the process gives the former), and Adam moves a weight whose gradient
-    # is near 0 by about lr either way: within 4 steps x lr
-    assert_same_files(out, unbroken, rel=5e-4, atol=4 * 1e-3)
+    assert got["iter_1/samples.jsonl"] == want["iter_1/samples.jsonl"]  # the engine's samples, byte for byte
+    # and every other file: the reference pass after the engine's stages is the process's first own forward pass,
+    # which rounded differently from run to run until `model.first_pass` (seen: 3 of 4 runs of this test failed here)
+    assert got == want, sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
 
 
 @needs_vllm
