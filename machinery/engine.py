@@ -138,6 +138,13 @@ def merged_copy(policy, folder: str, dtype: torch.dtype, shard_bytes: int = 2 * 
     return total
 
 
+def worker_settings(folder: str, dtype: str, eos: int, max_model_len: int, device: torch.device) -> dict:
+    """What the worker reads from its argv[1] (`machinery/vllm_worker.py`): the merged copy, its dtype, the EOS id,
+    the longest prompt + --max-new-tokens, and this process's id (it ends itself when this process ends)."""
+    return {"model": folder, "dtype": dtype, "eos": eos, "max_model_len": max_model_len,
+            "enforce_eager": device.type != "cuda", "parent": os.getpid()}
+
+
 class Engine:
     """vLLM on a merged copy of the policy, in a process of its own, for one stage (a context manager)."""
 
@@ -156,8 +163,7 @@ class Engine:
         remove(self.folder)  # a killed run's leftover
         size = merged_copy(self.policy, self.folder, dtype)
         dtype = str(dtype).removeprefix("torch.")
-        settings = {"model": self.folder, "dtype": dtype, "eos": self.policy.tokenizer.eos_token_id,
-                    "max_model_len": self.max_model_len, "enforce_eager": device.type != "cuda", "parent": os.getpid()}
+        settings = worker_settings(self.folder, dtype, self.policy.tokenizer.eos_token_id, self.max_model_len, device)
         quiet = {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR",
                  "VLLM_CPU_KVCACHE_SPACE": "2"}  # vLLM's errors and tracebacks still show; each may be set
         env = {**quiet, **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker itself

@@ -189,8 +189,8 @@ def test_an_engine_whose_run_was_killed_ends_itself(tmp_path):
     cfg = rpo.Config(model="smollm2-135m", dtype="float32")
     policy = model.load_model(cfg)
     engine.merged_copy(policy, str(tmp_path / "merged"), torch.float32)
-    settings = {"model": str(tmp_path / "merged"), "dtype": "float32", "eos": policy.tokenizer.eos_token_id,
-                "max_model_len": 256, "enforce_eager": True}
+    settings = engine.worker_settings(str(tmp_path / "merged"), "float32", policy.tokenizer.eos_token_id, 256,
+                                      torch.device("cpu"))  # its parent: the run below, which says so itself
     run = tmp_path / "run.py"
     run.write_text("""import json, os, signal, subprocess, sys
 settings = dict(json.loads(sys.argv[1]), parent=os.getpid())
